@@ -1,0 +1,407 @@
+"""The adapter interface: how a model family exposes its vision tower, its decoder and its image placeholders.
+
+An adapter wraps one module's `forward` (the multimodal model that merges image features into the text sequence).
+On a prefill that carries images it:
+
+1. encodes the images itself, with attention probes active on the vision layers the strategy reads;
+2. lets a vision strategy choose (or merge) tokens per image;
+3. shortens the placeholder runs, the ids, the mask and the positions (kept tokens keep their original positions),
+   and calls the original forward with the pruned features;
+4. records, keyed by the KV cache, how the sequence was shortened, so decoding steps get masks and positions that
+   match the shortened cache.
+
+In-LLM strategies are run by decoder-layer hooks (runtime.py); the adapter only describes where the layers are.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..compaction import Compaction
+from ..errors import CapabilityError, PruningStateError
+from ..probe import attention_rows, install_probe, probing, uninstall_probe
+from ..runtime import CacheRecord, ForwardRun, PrunerState, Selection, active_run, decoder_pre_hook, make_stage_probe
+from ..selection import topk_indices
+from ..strategies.base import LLMStrategy, Strategy, VisionSelection, VisionSignals, VisionStrategy
+
+
+@dataclass
+class EncodedImages:
+    """Per-image features (what the LLM gets) and the signals the strategy asked for, grouped by token count."""
+
+    features: list[torch.Tensor]  # per image [T_i, D]
+    signals: dict[int, VisionSignals]  # token count T -> signals for the images with T tokens
+    groups: dict[int, list[int]]  # token count T -> indices of those images
+
+
+class Adapter:
+    model_types: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""
+    example_model: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # ------------------------------------------------------------------ structure, per family
+    def wrapped_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def decoder_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def text_config(self) -> Any:
+        raise NotImplementedError
+
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def vision_num_layers(self) -> int:
+        raise NotImplementedError
+
+    def feature_layer(self) -> int:
+        """0-based vision layer whose output is the feature the projector reads."""
+        raise NotImplementedError
+
+    def has_cls(self) -> bool:
+        return False
+
+    def encode_images(self, args: dict[str, Any], strategy: VisionStrategy) -> EncodedImages:
+        raise NotImplementedError
+
+    def call_pruned(
+        self, forward: Callable[..., Any], args: dict[str, Any], features: list[torch.Tensor]
+    ) -> Any:
+        """Run the original forward on shortened ids/mask/positions with the given per-image features."""
+        raise NotImplementedError
+
+    def default_positions(self, args: dict[str, Any], past_len: int) -> torch.Tensor:
+        """Positions the unwrapped model would use for this call: [B, L] (or [3, B, L] for M-RoPE)."""
+        ids = args["input_ids"] if args.get("input_ids") is not None else args["inputs_embeds"][..., 0]
+        b, length = ids.shape[:2]
+        return (torch.arange(length, device=ids.device) + past_len).expand(b, length)
+
+    # ------------------------------------------------------------------ install / remove
+    def check(self, strategy: Strategy) -> None:
+        """Raise CapabilityError if this model cannot give what the strategy needs."""
+        if isinstance(strategy, VisionStrategy) and "cls_attn" in strategy.needs and not self.has_cls():
+            raise CapabilityError(
+                f"strategy {strategy.name!r} needs [CLS] attention, but the {self.family} vision tower has no [CLS] "
+                "token; choose a strategy without [CLS] (e.g. 'divprune', 'pool', 'fastv')"
+            )
+        if isinstance(strategy, LLMStrategy):
+            n = len(self.decoder_layers())
+            for layer in strategy.schedule(n, 1 << 20):
+                if not 1 <= layer < n:
+                    raise CapabilityError(
+                        f"strategy {strategy.name!r} prunes before decoder layer {layer}, but the model has {n} "
+                        f"layers; choose a layer in [1, {n - 1}]"
+                    )
+
+    def install(self, state: PrunerState) -> None:
+        strategy = state.strategy
+        module = self.wrapped_module()
+        original = module.forward
+        signature = inspect.signature(original)
+        adapter = self
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            return adapter.pruned_forward(state, original, dict(bound.arguments))
+
+        module.forward = forward  # instance attribute shadows the class method; `del` restores it
+        state.handles.append(("forward", module))
+        if isinstance(strategy, VisionStrategy):
+            for layer in strategy.vision_layers(self.vision_num_layers(), self.feature_layer()):
+                attn = self.vision_attention(layer)
+                install_probe(attn)
+                state.handles.append(("probe", attn))
+        if isinstance(strategy, LLMStrategy):
+            layers = self.decoder_layers()
+            for stage in strategy.schedule(len(layers), 1 << 20):
+                attn = layers[stage - 1].self_attn
+                install_probe(attn)
+                state.handles.append(("probe", attn))
+            for i, layer in enumerate(layers):
+                state.handles.append(("hook", layer.register_forward_pre_hook(decoder_pre_hook(i), with_kwargs=True)))
+
+    def uninstall(self, state: PrunerState) -> None:
+        for kind, obj in reversed(state.handles):
+            if kind == "forward":
+                if "forward" in obj.__dict__:
+                    del obj.forward
+            elif kind == "probe":
+                uninstall_probe(obj)
+            else:
+                obj.remove()
+        state.handles.clear()
+
+    # ------------------------------------------------------------------ the wrapped forward
+    def pruned_forward(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
+        extra = args.pop("kwargs", None) or {}
+        args.update(extra)
+        past = args.get("past_key_values")
+        record = state.record_for(past)
+        has_images = self._has_images(args)
+        if record is not None:
+            if has_images:
+                raise PruningStateError(
+                    "vtokprune: new images after a pruned prefill on the same cache are not supported; "
+                    "start a new cache (or call vtokprune.remove(model) for multi-turn image chats)"
+                )
+            return self._decode(state, original, args, record)
+        ids = args.get("input_ids")
+        if not has_images or ids is None or not bool((ids == self.image_token_id()).any()):
+            state.last_selection = None
+            return original(**args)  # text-only input: untouched
+        if past is not None and past.get_seq_length() > 0:
+            raise PruningStateError(
+                "vtokprune: pruning a prefill that continues a filled KV cache is not supported; "
+                "prefill prompt and image together"
+            )
+        return self._prefill(state, original, args)
+
+    def _has_images(self, args: dict[str, Any]) -> bool:
+        return args.get("pixel_values") is not None
+
+    def _prefill(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
+        strategy = state.strategy
+        ids = args["input_ids"]
+        image_mask = ids == self.image_token_id()
+        outer_len = ids.shape[1]
+        selection: Selection
+        if isinstance(strategy, VisionStrategy):
+            encoded = self.encode_images(args, strategy)
+            kept, feats = self._select(strategy, encoded)
+            keep_mask = self._keep_mask(image_mask, kept, [f.shape[0] for f in encoded.features])
+            outer = Compaction.from_keep_mask(keep_mask)
+            selection = Selection(
+                kept=kept,
+                available=[f.shape[0] for f in encoded.features],
+                sample_of=self._sample_of(image_mask, [f.shape[0] for f in encoded.features]),
+            )
+            args = self.compact_args(args, outer)
+            out = self.call_pruned(original, args, feats)
+            record = CacheRecord(outer=outer, outer_len=outer_len, lm_len=outer.length)
+        else:
+            assert isinstance(strategy, LLMStrategy)
+            encoded_counts = self.image_token_counts(args)
+            run = self._llm_run(state, strategy, image_mask, args.get("attention_mask"), encoded_counts)
+            layers = self.decoder_layers()
+            probes = {id(layers[k - 1].self_attn): make_stage_probe(k) for k in run.budgets}
+            with active_run(run), probing(probes):
+                out = original(**args)
+            record = CacheRecord(outer=None, outer_len=outer_len, lm_len=outer_len, stages=run.new_stages)
+            selection = self._llm_selection(run, image_mask, encoded_counts)
+        state.last_selection = selection
+        state.remember(getattr(out, "past_key_values", None), record)
+        return out
+
+    def _decode(
+        self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any], record: CacheRecord
+    ) -> Any:
+        past = args["past_key_values"]
+        past_len = past.get_seq_length()  # layer 0: the LM-level length so far
+        ids = args["input_ids"] if args.get("input_ids") is not None else args["inputs_embeds"]
+        q = ids.shape[1]
+        if record.outer is not None:
+            outer = record.outer
+            done_new = past_len - record.lm_len  # tokens generated after the prefill so far
+            if args.get("position_ids") is None:
+                args["position_ids"] = self.decode_positions(args, record, past_len)
+            mask = args.get("attention_mask")
+            if mask is not None and mask.dim() == 2:
+                prefix = outer.gather(mask[:, : record.outer_len], fill=0)
+                args["attention_mask"] = torch.cat([prefix, mask[:, record.outer_len :]], dim=1)
+            elif mask is None and outer.has_padding:
+                tail = torch.ones(outer.cols.shape[0], done_new + q, dtype=torch.long, device=ids.device)
+                args["attention_mask"] = torch.cat([outer.valid.long(), tail], dim=1)
+        if not record.stages:
+            return original(**args)
+        strategy = state.strategy
+        assert isinstance(strategy, LLMStrategy)
+        run = ForwardRun(
+            strategy=strategy,
+            image_mask=torch.zeros(1, 1, dtype=torch.bool),
+            valid=torch.ones(1, 1, dtype=torch.bool),
+            budgets={},
+            num_layers=len(self.decoder_layers()),
+            eager=self._eager(),
+            record=record,
+            kv_len=past_len + q,
+        )
+        with active_run(run):
+            return original(**args)
+
+    def decode_positions(self, args: dict[str, Any], record: CacheRecord, past_len: int) -> torch.Tensor:
+        """Positions of decoding tokens when the caller gave none: as if nothing had been pruned."""
+        ids = args["input_ids"] if args.get("input_ids") is not None else args["inputs_embeds"][..., 0]
+        b, q = ids.shape[:2]
+        start = past_len - record.lm_len + record.outer_len
+        return (torch.arange(q, device=ids.device) + start).expand(b, q)
+
+    # ------------------------------------------------------------------ pieces
+    def _eager(self) -> bool:
+        return getattr(self.text_config(), "_attn_implementation", "sdpa") == "eager"
+
+    def _select(self, strategy: VisionStrategy, encoded: EncodedImages) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        kept: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
+        feats: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
+        for count, members in encoded.groups.items():
+            k = strategy.budget(count)
+            result: VisionSelection = strategy.select(encoded.signals[count], k)
+            if result.indices.shape != (len(members), k):
+                raise RuntimeError(
+                    f"strategy {strategy.name!r} returned {tuple(result.indices.shape)} indices, expected "
+                    f"{(len(members), k)}"
+                )
+            for row, image in enumerate(members):
+                kept[image] = result.indices[row]
+                feats[image] = result.features[row]
+        return kept, feats
+
+    @staticmethod
+    def _image_slots(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """(sample, placeholder columns) per image, images in the order the model fills placeholders."""
+        if int(image_mask.sum()) != sum(counts):
+            raise ValueError(
+                f"the prompt has {int(image_mask.sum())} image placeholder tokens but the images give {sum(counts)} "
+                "features; build inputs with the model's processor"
+            )
+        rows, cols = image_mask.nonzero(as_tuple=True)
+        out, start = [], 0
+        for n in counts:
+            sample = int(rows[start])
+            if not bool((rows[start : start + n] == sample).all()):
+                raise ValueError("an image's placeholder tokens span two samples; build inputs with the processor")
+            out.append((sample, cols[start : start + n]))
+            start += n
+        return out
+
+    def _sample_of(self, image_mask: torch.Tensor, counts: list[int]) -> list[int]:
+        return [s for s, _ in self._image_slots(image_mask, counts)]
+
+    def _keep_mask(self, image_mask: torch.Tensor, kept: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+        keep = ~image_mask
+        for (sample, cols), idx in zip(self._image_slots(image_mask, counts), kept):
+            keep[sample, cols[idx.to(cols.device)]] = True
+        return keep
+
+    def compact_args(self, args: dict[str, Any], outer: Compaction) -> dict[str, Any]:
+        """Shorten ids, mask and positions to the kept tokens; positions stay those of the full sequence."""
+        args = dict(args)
+        ids = args["input_ids"]
+        past = args.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None else 0
+        positions = args.get("position_ids")
+        if positions is None:
+            positions = self.default_positions(args, past_len)
+        pad_id = self.pad_token_id()
+        args["input_ids"] = outer.gather(ids, fill=pad_id)
+        mask = args.get("attention_mask")
+        if mask is not None:
+            args["attention_mask"] = outer.gather(mask, fill=0)
+        elif outer.has_padding:
+            args["attention_mask"] = outer.valid.long()
+        args["position_ids"] = outer.gather(positions, fill=1, dim=-1)
+        return args
+
+    def pad_token_id(self) -> int:
+        pad = getattr(self.text_config(), "pad_token_id", None)
+        if pad is None or pad == self.image_token_id():
+            pad = 0 if self.image_token_id() != 0 else 1
+        return int(pad)
+
+    def image_token_counts(self, args: dict[str, Any]) -> list[int]:
+        """Visual tokens per image, in placeholder order, without running the vision tower."""
+        raise NotImplementedError
+
+    def _llm_run(
+        self,
+        state: PrunerState,
+        strategy: LLMStrategy,
+        image_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        counts: list[int],
+    ) -> ForwardRun:
+        layers = self.decoder_layers()
+        slots = self._image_slots(image_mask, counts)
+        b = image_mask.shape[0]
+        budgets: dict[int, torch.Tensor] = {}
+        per_image = [strategy.schedule(len(layers), n) for n in counts]
+        stages = sorted(strategy.schedule(len(layers), max(counts)))
+        for layer in stages:
+            budget = torch.zeros(b, dtype=torch.long, device=image_mask.device)
+            for (sample, _), sched in zip(slots, per_image):
+                budget[sample] += sched[layer]
+            budgets[layer] = budget
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(image_mask)
+        run = ForwardRun(
+            strategy=strategy,
+            image_mask=image_mask,
+            valid=valid,
+            budgets=budgets,
+            num_layers=len(layers),
+            eager=self._eager(),
+        )
+        return run
+
+    def _llm_selection(self, run: ForwardRun, image_mask: torch.Tensor, counts: list[int]) -> Selection:
+        slots = self._image_slots(image_mask, counts)
+        stages: dict[int, list[torch.Tensor]] = {}
+        for stage in run.new_stages:
+            kept_cols = torch.zeros_like(image_mask)
+            rows = torch.arange(image_mask.shape[0], device=image_mask.device)[:, None].expand_as(stage.comp.cols)
+            valid = stage.comp.valid
+            kept_cols[rows[valid], stage.comp.cols[valid]] = True
+            stages[stage.layer] = [torch.nonzero(kept_cols[s, cols], as_tuple=True)[0] for s, cols in slots]
+        last = max(stages) if stages else None
+        kept = stages[last] if last is not None else [torch.arange(n) for n in counts]
+        return Selection(kept=kept, available=counts, sample_of=[s for s, _ in slots], layer=last, stages=stages)
+
+
+# ---------------------------------------------------------------------- probes for vision-side signals
+
+
+def vision_probe(signals: dict[str, dict[int, torch.Tensor]], layer: int, needs: frozenset[str], cls_offset: int):  # type: ignore[no-untyped-def]
+    """Callback capturing [CLS] attention / keys / values of one vision layer into `signals`."""
+
+    def probe(module, query, key, value, attention_mask, kwargs) -> None:  # type: ignore[no-untyped-def]
+        if "cls_attn" in needs:
+            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
+            probs = attention_rows(query, key, attention_mask, rows, kwargs.get("scaling"), causal=False)
+            signals.setdefault("cls_attn", {})[layer] = probs[:, :, 0, cls_offset:]
+        if "keys" in needs:
+            signals.setdefault("keys", {})[layer] = key[:, :, cls_offset:]
+            if cls_offset:
+                signals.setdefault("cls_keys", {})[layer] = key[:, :, 0]
+        if "values" in needs:
+            signals.setdefault("values", {})[layer] = value[:, :, cls_offset:]
+            if cls_offset:
+                signals.setdefault("cls_values", {})[layer] = value[:, :, 0]
+
+    return probe
+
+
+def run_with_vision_probes(
+    adapter: Adapter, strategy: VisionStrategy, cls_offset: int, fn: Callable[[], Any]
+) -> tuple[Any, dict[str, dict[int, torch.Tensor]]]:
+    signals: dict[str, dict[int, torch.Tensor]] = {}
+    layers = strategy.vision_layers(adapter.vision_num_layers(), adapter.feature_layer())
+    callbacks = {
+        id(adapter.vision_attention(layer)): vision_probe(signals, layer, strategy.needs, cls_offset) for layer in layers
+    }
+    with probing(callbacks if strategy.needs - {"hidden"} else {}):
+        out = fn()
+    return out, signals
+
+
+__all__ = ["Adapter", "EncodedImages", "run_with_vision_probes", "topk_indices"]

@@ -1,0 +1,109 @@
+"""LLaVA-1.5 (transformers' LlavaForConditionalGeneration / LlavaModel, e.g. llava-hf/llava-1.5-7b-hf)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..strategies.base import VisionSignals, VisionStrategy
+from .base import Adapter, EncodedImages, run_with_vision_probes
+
+
+class LlavaAdapter(Adapter):
+    model_types = ("llava",)
+    family = "LLaVA-1.5"
+    example_model = "llava-hf/llava-1.5-7b-hf"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.inner = model.model if hasattr(model, "lm_head") else model
+
+    def wrapped_module(self) -> nn.Module:
+        return self.inner
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.inner.language_model.layers  # type: ignore[no-any-return]
+
+    def text_config(self) -> Any:
+        return self.inner.config.text_config
+
+    def image_token_id(self) -> int:
+        return int(self.inner.config.image_token_id)
+
+    def _vision_layers(self) -> nn.ModuleList:
+        tower = self.inner.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel in transformers 4.x wraps a vision_model
+        return tower.encoder.layers  # type: ignore[no-any-return]
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self._vision_layers()[layer].self_attn  # type: ignore[no-any-return]
+
+    def vision_num_layers(self) -> int:
+        return len(self._vision_layers())
+
+    def _feature_hidden_index(self, layer: Any = None) -> int:
+        layer = self.inner.config.vision_feature_layer if layer is None else layer
+        if not isinstance(layer, int):
+            layer = max(self._normalise(i) for i in layer)
+        return self._normalise(layer)
+
+    def _normalise(self, index: int) -> int:
+        return index if index >= 0 else self.vision_num_layers() + 1 + index
+
+    def feature_layer(self) -> int:
+        # hidden_states[i] is the output of layer i-1; the attention that made the features is in that layer.
+        return max(self._feature_hidden_index() - 1, 0)
+
+    def has_cls(self) -> bool:
+        return True
+
+    def _keeps_cls(self, args: dict[str, Any]) -> bool:
+        strategy = args.get("vision_feature_select_strategy") or self.inner.config.vision_feature_select_strategy
+        return strategy == "full"
+
+    def encode_images(self, args: dict[str, Any], strategy: VisionStrategy) -> EncodedImages:
+        cls_offset = 0 if self._keeps_cls(args) else 1
+
+        def encode() -> Any:
+            return self.inner.get_image_features(
+                pixel_values=args["pixel_values"],
+                vision_feature_layer=args.get("vision_feature_layer"),
+                vision_feature_select_strategy=args.get("vision_feature_select_strategy"),
+                return_dict=True,
+            )
+
+        out, captured = run_with_vision_probes(self, strategy, cls_offset, encode)
+        features = list(out.pooler_output)
+        hidden: dict[int, torch.Tensor] = {}
+        if "hidden" in strategy.needs:
+            for layer in strategy.vision_layers(self.vision_num_layers(), self.feature_layer()):
+                hidden[layer] = out.hidden_states[layer][:, cls_offset:]
+        t = features[0].shape[0]
+        side = math.isqrt(t)
+        signals = VisionSignals(
+            features=torch.stack(features),
+            grid=(side, side) if side * side == t else None,
+            cls_attn=captured.get("cls_attn", {}),
+            keys=captured.get("keys", {}),
+            values=captured.get("values", {}),
+            cls_keys=captured.get("cls_keys", {}),
+            cls_values=captured.get("cls_values", {}),
+            hidden=hidden,
+        )
+        return EncodedImages(features=features, signals={t: signals}, groups={t: list(range(len(features)))})
+
+    def image_token_counts(self, args: dict[str, Any]) -> list[int]:
+        n_images = args["pixel_values"].shape[0]
+        total = int((args["input_ids"] == self.image_token_id()).sum())
+        return [total // n_images] * n_images
+
+    def call_pruned(self, forward: Callable[..., Any], args: dict[str, Any], features: list[torch.Tensor]) -> Any:
+        args = dict(args)
+        args["pixel_values"] = None
+        args["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        return forward(**args)

@@ -1,0 +1,86 @@
+"""The one-line user API: apply / remove / pruned / last_selection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from torch import nn
+
+from .adapters import get_adapter
+from .errors import CapabilityError, PruningStateError
+from .registry import get_strategy
+from .runtime import PrunerState, Selection
+from .strategies.base import LLMStrategy, Strategy
+
+M = TypeVar("M", bound=nn.Module)
+_STATE_ATTR = "_vtokprune_state"
+
+
+def apply(model: M, strategy: Strategy | str, **strategy_kwargs: Any) -> M:
+    """Prune `model`'s visual tokens with `strategy`, in place; returns the model.
+
+    `model(**inputs)` and `model.generate(**inputs)` work as before. `strategy` is a Strategy config or a registered
+    name (`apply(model, "cls", keep=64)`). If anything fails, the model is left exactly as it was.
+    """
+    resolved = get_strategy(strategy, **strategy_kwargs)
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise PruningStateError(
+            f"this model is already pruned with {model._vtokprune_state.strategy!r}; "  # type: ignore[union-attr]
+            "call vtokprune.remove(model) first"
+        )
+    adapter = get_adapter(model)
+    adapter.check(resolved)
+    if isinstance(resolved, LLMStrategy):
+        impl = getattr(adapter.text_config(), "_attn_implementation", None)
+        if impl not in (None, "sdpa", "eager"):
+            raise CapabilityError(
+                f"in-LLM strategy {resolved.name!r} supports the 'sdpa' and 'eager' attention implementations, "
+                f"not {impl!r}; load the model with attn_implementation='sdpa'"
+            )
+    state = PrunerState(resolved, adapter)
+    try:
+        adapter.install(state)
+    except BaseException:
+        adapter.uninstall(state)
+        raise
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def remove(model: M) -> M:
+    """Undo `apply`: the model behaves exactly as before. A model that is not pruned is returned unchanged."""
+    state: PrunerState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    state.adapter.uninstall(state)
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def is_pruned(model: nn.Module) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def strategy_of(model: nn.Module) -> Strategy | None:
+    state: PrunerState | None = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.strategy
+
+
+@contextmanager
+def pruned(model: M, strategy: Strategy | str, **strategy_kwargs: Any) -> Iterator[M]:
+    """Temporary pruning: `with vtokprune.pruned(model, "cls", keep=64): model.generate(...)`."""
+    apply(model, strategy, **strategy_kwargs)
+    try:
+        yield model
+    finally:
+        remove(model)
+
+
+def last_selection(model: nn.Module) -> Selection | None:
+    """Kept visual-token indices of the last prefill run by this thread (None for text-only input)."""
+    state: PrunerState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise PruningStateError("this model is not pruned; call vtokprune.apply(model, strategy) first")
+    return state.last_selection

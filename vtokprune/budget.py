@@ -1,0 +1,36 @@
+"""Token budgets: an absolute count (`keep=64`) or a fraction (`ratio=0.111`), resolved per image."""
+
+from __future__ import annotations
+
+import math
+
+from .errors import BudgetError
+
+
+def validate_budget(keep: int | None, ratio: float | None) -> None:
+    """Check a budget at construction time, before any model is touched."""
+    if keep is not None and ratio is not None:
+        raise BudgetError(f"give either keep= or ratio=, not both (got keep={keep}, ratio={ratio})")
+    if keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, int):
+            raise BudgetError(f"keep must be a positive int, got {keep!r}; use ratio= for fractions")
+        if keep <= 0:
+            raise BudgetError(f"keep must be >= 1, got {keep}; to disable pruning use the 'none' strategy")
+    if ratio is not None:
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (0.0 < float(ratio) <= 1.0):
+            raise BudgetError(f"ratio must be in (0, 1], got {ratio!r}")
+
+
+def resolve_budget(keep: int | None, ratio: float | None, available: int) -> int:
+    """Number of tokens to keep out of `available` (per image). Raises if the budget cannot be met."""
+    if keep is None and ratio is None:
+        return available
+    if keep is not None:
+        if keep > available:
+            raise BudgetError(
+                f"keep={keep} is more than the {available} visual tokens this image has; "
+                f"use keep<={available} or ratio= to scale with the image"
+            )
+        return keep
+    assert ratio is not None
+    return max(1, min(available, math.ceil(float(ratio) * available - 1e-9)))

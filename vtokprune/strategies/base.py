@@ -1,0 +1,131 @@
+"""What every strategy is: a small frozen config dataclass, plus pure functions over tensors.
+
+Two kinds exist, told apart by `acts`:
+
+* ``"vision"`` strategies run once per image after the vision encoder and projector (pre-LLM). They get a
+  :class:`VisionSignals` bundle and return which of the image's tokens reach the language model (and, for merging
+  strategies, the merged features).
+* ``"llm"`` strategies run inside the decoder. Their :meth:`LLMStrategy.schedule` says at which decoder layers tokens
+  are dropped and how many survive; at the layer just before each stage, the runtime computes the attention rows the
+  strategy asks for (from that layer's q and k, whatever the attention implementation) and the strategy turns them into
+  one score per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..budget import resolve_budget, validate_budget
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Base config. `keep` is an absolute number of visual tokens per image, `ratio` a fraction of them."""
+
+    keep: int | None = None
+    ratio: float | None = None
+
+    name: ClassVar[str] = ""
+    acts: ClassVar[str] = "vision"
+    paper: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        validate_budget(self.keep, self.ratio)
+
+    def budget(self, available: int) -> int:
+        """Tokens to keep out of `available` visual tokens of one image."""
+        return resolve_budget(self.keep, self.ratio, available)
+
+
+@dataclass
+class VisionSignals:
+    """Everything a vision-side strategy may look at, for N images of T tokens each.
+
+    features:   [N, T, D] projected features, exactly what the language model would receive.
+    grid:       (rows, cols) of the patch grid when the T tokens form one, else None.
+    cls_attn:   vision layer -> [N, H, T] attention of the [CLS] query over the T patch tokens (softmax taken over
+                the full row, [CLS] included, then the [CLS] column dropped).
+    keys:       vision layer -> [N, H, T, d] attention keys of the patch tokens.
+    values:     vision layer -> [N, H, T, d] attention values of the patch tokens.
+    cls_keys / cls_values: vision layer -> [N, H, d] the [CLS] token's own key / value.
+    hidden:     vision layer -> [N, T, Dv] hidden states (input of that layer) of the patch tokens.
+    prompt_ids: per image, the token ids of the prompt it belongs to (for text-guided strategies).
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int] | None = None
+    cls_attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    cls_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    cls_values: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    prompt_ids: list[torch.Tensor] | None = None
+    tiles: list[list[int]] | None = None
+
+
+@dataclass
+class VisionSelection:
+    """indices: [N, k] kept token indices, ascending; features: [N, k, D] what the LLM receives for them."""
+
+    indices: torch.Tensor
+    features: torch.Tensor
+
+
+@dataclass(frozen=True)
+class VisionStrategy(Strategy):
+    acts: ClassVar[str] = "vision"
+    # Which signals the strategy reads, beyond `features`: subset of {"cls_attn", "keys", "values", "hidden"}.
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def vision_layers(self, num_layers: int, feature_layer: int) -> tuple[int, ...]:
+        """Vision-tower layers whose signals are needed (0-based). Default: the layer that makes the features."""
+        return (feature_layer,)
+
+    def select(self, signals: VisionSignals, k: int) -> VisionSelection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class LLMContext:
+    """What an in-LLM strategy sees at the layer before a pruning stage (current, possibly compacted, sequence).
+
+    image_mask: [B, L] True at visual tokens still present.
+    valid:      [B, L] True at real (non-padding) tokens.
+    text_mask:  [B, L] True at real non-visual tokens.
+    last_index: [B] index of the last real token of each sample.
+    """
+
+    image_mask: torch.Tensor
+    valid: torch.Tensor
+    text_mask: torch.Tensor
+    last_index: torch.Tensor
+    layer: int
+    num_layers: int
+    hidden: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LLMStrategy(Strategy):
+    acts: ClassVar[str] = "llm"
+
+    def schedule(self, num_layers: int, available: int) -> dict[int, int]:
+        """Decoder layer -> visual tokens per image that survive from that layer on (before it runs)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def query_rows(self, ctx: LLMContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, R] query row indices, [B, R] validity) whose attention rows the strategy needs."""
+        return ctx.last_index[:, None], torch.ones_like(ctx.last_index[:, None], dtype=torch.bool)
+
+    def score(self, probs: torch.Tensor, row_valid: torch.Tensor, ctx: LLMContext) -> torch.Tensor:
+        """probs: [B, H, R, L] softmax attention rows. Returns [B, L]; only visual positions are ranked."""
+        raise NotImplementedError  # pragma: no cover
+
+    def merge(
+        self, hidden: torch.Tensor, keep_idx: torch.Tensor, ctx: LLMContext, scores: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Optionally rewrite the kept hidden states (e.g. recycle pruned tokens). Default: plain gather."""
+        return None
