@@ -180,6 +180,7 @@ class Adapter:
         selection: Selection
         if isinstance(strategy, VisionStrategy):
             encoded = self.encode_images(args, strategy)
+            self._attach_prompts(encoded, image_mask, args)
             kept, feats = self._select(strategy, encoded)
             keep_mask = self._keep_mask(image_mask, kept, [f.shape[0] for f in encoded.features])
             outer = Compaction.from_keep_mask(keep_mask)
@@ -251,6 +252,15 @@ class Adapter:
     # ------------------------------------------------------------------ pieces
     def _eager(self) -> bool:
         return getattr(self.text_config(), "_attn_implementation", "sdpa") == "eager"
+
+    def _attach_prompts(self, encoded: EncodedImages, image_mask: torch.Tensor, args: dict[str, Any]) -> None:
+        """Give text-guided strategies the prompt (real, non-image token ids) each image belongs to."""
+        ids = args["input_ids"]
+        mask = args.get("attention_mask")
+        valid = ~image_mask if mask is None else (~image_mask & mask.bool())
+        samples = self._sample_of(image_mask, [f.shape[0] for f in encoded.features])
+        for count, members in encoded.groups.items():
+            encoded.signals[count].prompt_ids = [ids[samples[i]][valid[samples[i]]] for i in members]
 
     def _select(self, strategy: VisionStrategy, encoded: EncodedImages) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         kept: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
