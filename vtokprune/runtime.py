@@ -196,7 +196,7 @@ def _prune_stage(run: ForwardRun, layer: int, hidden: torch.Tensor) -> torch.Ten
     rank_of = torch.empty_like(ranked.indices)
     rank_of.scatter_(1, ranked.indices, torch.arange(ranked.indices.shape[1], device=hidden.device).expand_as(rank_of))
     chosen = candidates & (rank_of < run.budgets[layer][:, None])
-    inner = Compaction.from_keep_mask(chosen | (ctx.valid & ~candidates))
+    inner = Compaction.from_keep_mask(chosen | ~candidates)  # padding stays: masked as before, shapes unchanged
     merged = run.strategy.merge(hidden, inner.cols, ctx, scores)
     new_hidden = inner.gather(hidden if merged is None else merged)
     run.current = inner if run.current is None else run.current.compose(inner)

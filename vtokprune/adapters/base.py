@@ -74,8 +74,32 @@ class Adapter:
     def has_cls(self) -> bool:
         return False
 
-    def encode_images(self, args: dict[str, Any], strategy: VisionStrategy) -> EncodedImages:
+    def image_encoder_module(self) -> nn.Module:
+        """Module whose `get_image_features` the model (and `generate`, which pre-encodes images) calls."""
+        return self.wrapped_module()
+
+    def image_encoder_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Arguments for `get_image_features`, taken from the wrapped forward's arguments."""
         raise NotImplementedError
+
+    def encode_images(self, original: Callable[..., Any], args: dict[str, Any], strategy: VisionStrategy) -> Any:
+        """Run the original `get_image_features(**args)` with probes on; return its output with an
+        :class:`EncodedImages` attached as `_vtokprune_encoded`."""
+        raise NotImplementedError
+
+    def encoded_from_output(self, out: Any, strategy: VisionStrategy) -> EncodedImages:
+        """Image features that were encoded without our probes (e.g. expanded for beam search): features only."""
+        encoded = getattr(out, "_vtokprune_encoded", None)
+        if encoded is not None:
+            return encoded  # type: ignore[no-any-return]
+        if strategy.needs:
+            raise PruningStateError(
+                f"strategy {strategy.name!r} needs vision-tower signals, but these image features were encoded "
+                "outside vtokprune (pre-computed, or expanded for num_beams/num_return_sequences > 1); pass "
+                "pixel_values and use greedy or sampled generation with one sequence per prompt"
+            )
+        features = list(out.pooler_output)
+        return group_features(features)
 
     def call_pruned(
         self, forward: Callable[..., Any], args: dict[str, Any], features: list[torch.Tensor]
@@ -120,6 +144,17 @@ class Adapter:
         module.forward = forward  # instance attribute shadows the class method; `del` restores it
         state.handles.append(("forward", module))
         if isinstance(strategy, VisionStrategy):
+            encoder = self.image_encoder_module()
+            original_encode = encoder.get_image_features
+            encode_signature = inspect.signature(original_encode)
+
+            def get_image_features(*args: Any, **kwargs: Any) -> Any:
+                bound = dict(encode_signature.bind(*args, **kwargs).arguments)
+                bound.update(bound.pop("kwargs", None) or {})
+                return adapter.encode_images(original_encode, bound, strategy)
+
+            encoder.get_image_features = get_image_features
+            state.handles.append(("get_image_features", encoder))
             for layer in strategy.vision_layers(self.vision_num_layers(), self.feature_layer()):
                 attn = self.vision_attention(layer)
                 install_probe(attn)
@@ -135,9 +170,8 @@ class Adapter:
 
     def uninstall(self, state: PrunerState) -> None:
         for kind, obj in reversed(state.handles):
-            if kind == "forward":
-                if "forward" in obj.__dict__:
-                    del obj.forward
+            if kind in ("forward", "get_image_features"):
+                obj.__dict__.pop(kind, None)
             elif kind == "probe":
                 uninstall_probe(obj)
             else:
@@ -170,7 +204,11 @@ class Adapter:
         return self._prefill(state, original, args)
 
     def _has_images(self, args: dict[str, Any]) -> bool:
-        return args.get("pixel_values") is not None
+        return args.get("pixel_values") is not None or self._encoded_output(args) is not None
+
+    @staticmethod
+    def _encoded_output(args: dict[str, Any]) -> Any:
+        return (args.get("mm_encoder_outputs") or {}).get("image")
 
     def _prefill(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
         strategy = state.strategy
@@ -179,7 +217,10 @@ class Adapter:
         outer_len = ids.shape[1]
         selection: Selection
         if isinstance(strategy, VisionStrategy):
-            encoded = self.encode_images(args, strategy)
+            out = self._encoded_output(args)
+            if out is None:  # plain forward with pixel_values: encode here (generate() encodes before the call)
+                out = self.image_encoder_module().get_image_features(**self.image_encoder_args(args))
+            encoded = self.encoded_from_output(out, strategy)
             self._attach_prompts(encoded, image_mask, args)
             kept, feats = self._select(strategy, encoded)
             keep_mask = self._keep_mask(image_mask, kept, [f.shape[0] for f in encoded.features])
@@ -379,6 +420,16 @@ class Adapter:
 
 
 # ---------------------------------------------------------------------- probes for vision-side signals
+
+
+def group_features(features: list[torch.Tensor], **signal_fields: Any) -> EncodedImages:
+    """Group per-image features by token count into VisionSignals (features only, plus the given fields)."""
+    groups: dict[int, list[int]] = {}
+    for i, f in enumerate(features):
+        groups.setdefault(int(f.shape[0]), []).append(i)
+    signals = {t: VisionSignals(features=torch.stack([features[i] for i in members]), **signal_fields)
+               for t, members in groups.items()}
+    return EncodedImages(features=features, signals=signals, groups=groups)
 
 
 def vision_probe(signals: dict[str, dict[int, torch.Tensor]], layer: int, needs: frozenset[str], cls_offset: int):  # type: ignore[no-untyped-def]

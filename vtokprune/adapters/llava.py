@@ -66,18 +66,15 @@ class LlavaAdapter(Adapter):
         strategy = args.get("vision_feature_select_strategy") or self.inner.config.vision_feature_select_strategy
         return strategy == "full"
 
-    def encode_images(self, args: dict[str, Any], strategy: VisionStrategy) -> EncodedImages:
+    def image_encoder_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        keys = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy")
+        return {k: args.get(k) for k in keys} | {"return_dict": True}
+
+    def encode_images(self, original: Callable[..., Any], args: dict[str, Any], strategy: VisionStrategy) -> Any:
         cls_offset = 0 if self._keeps_cls(args) else 1
-
-        def encode() -> Any:
-            return self.inner.get_image_features(
-                pixel_values=args["pixel_values"],
-                vision_feature_layer=args.get("vision_feature_layer"),
-                vision_feature_select_strategy=args.get("vision_feature_select_strategy"),
-                return_dict=True,
-            )
-
-        out, captured = run_with_vision_probes(self, strategy, cls_offset, encode)
+        args = dict(args)
+        args["return_dict"] = True
+        out, captured = run_with_vision_probes(self, strategy, cls_offset, lambda: original(**args))
         features = list(out.pooler_output)
         hidden: dict[int, torch.Tensor] = {}
         if "hidden" in strategy.needs:
@@ -95,9 +92,15 @@ class LlavaAdapter(Adapter):
             cls_values=captured.get("cls_values", {}),
             hidden=hidden,
         )
-        return EncodedImages(features=features, signals={t: signals}, groups={t: list(range(len(features)))})
+        out._vtokprune_encoded = EncodedImages(
+            features=features, signals={t: signals}, groups={t: list(range(len(features)))}
+        )
+        return out
 
     def image_token_counts(self, args: dict[str, Any]) -> list[int]:
+        encoded = self._encoded_output(args)
+        if encoded is not None:
+            return [int(f.shape[0]) for f in encoded.pooler_output]
         n_images = args["pixel_values"].shape[0]
         total = int((args["input_ids"] == self.image_token_id()).sum())
         return [total // n_images] * n_images

@@ -55,34 +55,41 @@ class RandomPrune(VisionStrategy):
 
 
 def pooled_grid(rows: int, cols: int, k: int) -> tuple[int, int]:
-    """Output grid (r, c) with r * c == k whose aspect ratio is closest to rows:cols (and fits inside it)."""
+    """Output grid (r, c), r * c >= k, fitting inside rows x cols: an exact factorisation of k with an aspect ratio
+    within 2x of the grid's when one exists, else the smallest near-square grid holding k cells."""
     best: tuple[float, int, int] | None = None
     for r in range(1, k + 1):
-        if k % r:
-            continue
         c = k // r
-        if r > rows or c > cols:
+        if k % r or r > rows or c > cols:
             continue
         err = abs(math.log((r / c) / (rows / cols)))
-        if best is None or err < best[0]:
+        if err <= math.log(2) + 1e-9 and (best is None or err < best[0]):
             best = (err, r, c)
-    if best is None:
-        raise ValueError(f"cannot pool a {rows}x{cols} grid to exactly {k} tokens")
-    return best[1], best[2]
+    if best is not None:
+        return best[1], best[2]
+    r = min(rows, math.ceil(math.sqrt(k * rows / cols)))
+    c = min(cols, math.ceil(k / r))
+    return r, c
 
 
 def pool_tokens(features: torch.Tensor, grid: tuple[int, int], k: int) -> VisionSelection:
-    """Adaptive 2-D average pooling of [N, T, D] to k tokens; each pooled token sits at its cell's centre patch."""
+    """Adaptive 2-D average pooling of [N, T, D] to k tokens; each pooled token sits at its cell's centre patch.
+
+    When k has no grid-shaped factorisation, the pooled grid has a few more cells than k and k of them, evenly
+    spaced in raster order, are kept.
+    """
     n, t, d = features.shape
     rows, cols = grid
     r, c = pooled_grid(rows, cols, k)
     x = features.transpose(1, 2).reshape(n, d, rows, cols)
-    pooled = F.adaptive_avg_pool2d(x.float(), (r, c)).to(features.dtype).reshape(n, d, k).transpose(1, 2)
+    pooled = F.adaptive_avg_pool2d(x.float(), (r, c)).to(features.dtype).reshape(n, d, r * c).transpose(1, 2)
     # centre patch of adaptive cell i: [floor(i*rows/r), ceil((i+1)*rows/r))
     ri = torch.tensor([(i * rows // r + (-(-(i + 1) * rows // r)) - 1) // 2 for i in range(r)])
     ci = torch.tensor([(j * cols // c + (-(-(j + 1) * cols // c)) - 1) // 2 for j in range(c)])
-    idx = (ri[:, None] * cols + ci[None, :]).reshape(-1).to(features.device).expand(n, k)
-    return VisionSelection(idx.contiguous(), pooled)
+    centres = (ri[:, None] * cols + ci[None, :]).reshape(-1)
+    cells = torch.linspace(0, r * c - 1, k).round().long() if r * c > k else torch.arange(k)
+    idx = centres[cells].to(features.device).expand(n, k).contiguous()
+    return VisionSelection(idx, pooled[:, cells.to(features.device)])
 
 
 @register_strategy
