@@ -16,9 +16,9 @@ def validate_budget(keep: int | None, ratio: float | None) -> None:
             raise BudgetError(f"keep must be a positive int, got {keep!r}; use ratio= for fractions")
         if keep <= 0:
             raise BudgetError(f"keep must be >= 1, got {keep}; to disable pruning use the 'none' strategy")
-    if ratio is not None:
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (0.0 < float(ratio) <= 1.0):
-            raise BudgetError(f"ratio must be in (0, 1], got {ratio!r}")
+    bad_ratio = not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < float(ratio) <= 1.0
+    if ratio is not None and bad_ratio:
+        raise BudgetError(f"ratio must be in (0, 1], got {ratio!r}")
 
 
 def resolve_budget(keep: int | None, ratio: float | None, available: int) -> int:

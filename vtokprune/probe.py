@@ -54,13 +54,13 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(PROBE_IMPL, _probe_attention)
+    AttentionInterface.register(PROBE_IMPL, _probe_attention)  # type: ignore[arg-type]
     # Only modules that are probed see this name, never a mask builder; registered for safety all the same.
-    AttentionMaskInterface.register(PROBE_IMPL, AttentionMaskInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register(PROBE_IMPL, AttentionMaskInterface._global_mapping["sdpa"])  # type: ignore[arg-type]
     _registered = True
 
 
-def install_probe(module: nn.Module) -> None:
+def install_probe(module: Any) -> None:
     """Route `module`'s attention through the probe function (idempotent)."""
     _register()
     if hasattr(module, "_vtokprune_config"):
@@ -72,7 +72,7 @@ def install_probe(module: nn.Module) -> None:
     module.config = private
 
 
-def uninstall_probe(module: nn.Module) -> None:
+def uninstall_probe(module: Any) -> None:
     if hasattr(module, "_vtokprune_config"):
         module.config = module._vtokprune_config
         del module._vtokprune_config

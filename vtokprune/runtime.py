@@ -102,7 +102,7 @@ class ForwardRun:
     current: Compaction | None = None
     stage_layer: int | None = None
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
-    mask_cache: dict[tuple[int, int], Any] = field(default_factory=dict)
+    mask_cache: dict[tuple, Any] = field(default_factory=dict)
     new_stages: list[StageRecord] = field(default_factory=list)
 
     def context(self, hidden: torch.Tensor | None, layer: int) -> LLMContext:

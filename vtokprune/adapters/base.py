@@ -36,8 +36,9 @@ class EncodedImages:
     """Per-image features (what the LLM gets) and the signals the strategy asked for, grouped by token count."""
 
     features: list[torch.Tensor]  # per image [T_i, D]
-    signals: dict[int, VisionSignals]  # token count T -> signals for the images with T tokens
-    groups: dict[int, list[int]]  # token count T -> indices of those images
+    signals: dict[int, VisionSignals]  # group key (the token count T for most families) -> signals of its images
+    groups: dict[int, list[int]]  # group key -> indices of those images (all with the same T and layout)
+    layout: Any = None  # adapter-private: how each image's tokens sit in its placeholder run (e.g. LLaVA-NeXT)
 
 
 class Adapter:
@@ -46,13 +47,13 @@ class Adapter:
     example_model: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model: Any = model
 
     # ------------------------------------------------------------------ structure, per family
-    def wrapped_module(self) -> nn.Module:
+    def wrapped_module(self) -> Any:
         raise NotImplementedError
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def decoder_layers(self) -> Any:
         raise NotImplementedError
 
     def text_config(self) -> Any:
@@ -61,7 +62,7 @@ class Adapter:
     def image_token_id(self) -> int:
         raise NotImplementedError
 
-    def vision_attention(self, layer: int) -> nn.Module:
+    def vision_attention(self, layer: int) -> Any:
         raise NotImplementedError
 
     def vision_num_layers(self) -> int:
@@ -74,7 +75,42 @@ class Adapter:
     def has_cls(self) -> bool:
         return False
 
-    def image_encoder_module(self) -> nn.Module:
+    def supported_signals(self) -> frozenset[str]:
+        """Vision signals (beyond `features`) this adapter can give strategies."""
+        base = frozenset({"keys", "values", "hidden"})
+        return base | {"cls_attn"} if self.has_cls() else base
+
+    def visual_token_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] True at the placeholder tokens the visual features fill (images, and videos where supported)."""
+        return ids == self.image_token_id()
+
+    def per_token_args(self) -> tuple[str, ...]:
+        """Names of extra [B, L] forward arguments that must be shortened together with `input_ids`."""
+        return ()
+
+    def placeholder_counts(self, encoded: EncodedImages) -> list[int]:
+        """Placeholder tokens each image fills before pruning (default: one per feature)."""
+        return [f.shape[0] for f in encoded.features]
+
+    def expand_selection(
+        self, encoded: EncodedImages, kept: list[torch.Tensor], feats: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Map each image's kept tokens (indices into what the strategy saw) to (indices into its placeholder run,
+        features for those placeholders). Default: unchanged (the strategy saw the placeholder run itself)."""
+        return kept, feats
+
+    def encoder_hooks(self) -> dict[str, Callable[..., Any]]:
+        """Methods of `image_encoder_module()` to wrap: name -> fn(original, bound_args, strategy) -> output."""
+        return {"get_image_features": self.encode_images}
+
+    def encoded_images(self, args: dict[str, Any], strategy: VisionStrategy) -> EncodedImages:
+        """The images of a prefill, encoded (by generate() before the call, or here) with the strategy's signals."""
+        out = self._encoded_output(args)
+        if out is None:  # plain forward with pixel_values: encode here (generate() encodes before the call)
+            out = self.image_encoder_module().get_image_features(**self.image_encoder_args(args))
+        return self.encoded_from_output(out, strategy)
+
+    def image_encoder_module(self) -> Any:
         """Module whose `get_image_features` the model (and `generate`, which pre-encodes images) calls."""
         return self.wrapped_module()
 
@@ -121,6 +157,14 @@ class Adapter:
                 f"strategy {strategy.name!r} needs [CLS] attention, but the {self.family} vision tower has no [CLS] "
                 "token; choose a strategy without [CLS] (e.g. 'divprune', 'pool', 'fastv')"
             )
+        if isinstance(strategy, VisionStrategy):
+            missing = set(strategy.needs) - set(self.supported_signals())
+            if missing:
+                raise CapabilityError(
+                    f"strategy {strategy.name!r} needs vision signals {sorted(missing)} that the {self.family} adapter "
+                    "does not provide; choose a strategy that reads only the projected features (e.g. 'random', "
+                    "'divprune') or an in-LLM strategy such as 'fastv'"
+                )
         if isinstance(strategy, LLMStrategy):
             n = len(self.decoder_layers())
             for layer in strategy.schedule(n, 1 << 20):
@@ -144,34 +188,30 @@ class Adapter:
         module.forward = forward  # instance attribute shadows the class method; `del` restores it
         state.handles.append(("forward", module))
         if isinstance(strategy, VisionStrategy):
-            encoder = self.image_encoder_module()
-            original_encode = encoder.get_image_features
-            encode_signature = inspect.signature(original_encode)
-
-            def get_image_features(*args: Any, **kwargs: Any) -> Any:
-                bound = dict(encode_signature.bind(*args, **kwargs).arguments)
-                bound.update(bound.pop("kwargs", None) or {})
-                return adapter.encode_images(original_encode, bound, strategy)
-
-            encoder.get_image_features = get_image_features
-            state.handles.append(("get_image_features", encoder))
+            encoder: Any = self.image_encoder_module()
+            for name, encode in self.encoder_hooks().items():
+                setattr(encoder, name, _encoder_hook(getattr(encoder, name), encode, strategy))
+                state.handles.append(("method", (encoder, name)))
             for layer in strategy.vision_layers(self.vision_num_layers(), self.feature_layer()):
-                attn = self.vision_attention(layer)
+                attn: Any = self.vision_attention(layer)
                 install_probe(attn)
                 state.handles.append(("probe", attn))
         if isinstance(strategy, LLMStrategy):
-            layers = self.decoder_layers()
+            layers: Any = self.decoder_layers()
             for stage in strategy.schedule(len(layers), 1 << 20):
                 attn = layers[stage - 1].self_attn
                 install_probe(attn)
                 state.handles.append(("probe", attn))
-            for i, layer in enumerate(layers):
-                state.handles.append(("hook", layer.register_forward_pre_hook(decoder_pre_hook(i), with_kwargs=True)))
+            for i, decoder_layer in enumerate(layers):
+                state.handles.append(("hook", decoder_layer.register_forward_pre_hook(decoder_pre_hook(i), with_kwargs=True)))
 
     def uninstall(self, state: PrunerState) -> None:
         for kind, obj in reversed(state.handles):
             if kind in ("forward", "get_image_features"):
                 obj.__dict__.pop(kind, None)
+            elif kind == "method":
+                owner, name = obj
+                owner.__dict__.pop(name, None)
             elif kind == "probe":
                 uninstall_probe(obj)
             else:
@@ -193,7 +233,7 @@ class Adapter:
                 )
             return self._decode(state, original, args, record)
         ids = args.get("input_ids")
-        if not has_images or ids is None or not bool((ids == self.image_token_id()).any()):
+        if not has_images or ids is None or not bool(self.visual_token_mask(ids).any()):
             state.last_selection = None
             return original(**args)  # text-only input: untouched
         if past is not None and past.get_seq_length() > 0:
@@ -213,31 +253,30 @@ class Adapter:
     def _prefill(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
         strategy = state.strategy
         ids = args["input_ids"]
-        image_mask = ids == self.image_token_id()
+        image_mask = self.visual_token_mask(ids)
         outer_len = ids.shape[1]
         selection: Selection
         if isinstance(strategy, VisionStrategy):
-            out = self._encoded_output(args)
-            if out is None:  # plain forward with pixel_values: encode here (generate() encodes before the call)
-                out = self.image_encoder_module().get_image_features(**self.image_encoder_args(args))
-            encoded = self.encoded_from_output(out, strategy)
+            encoded = self.encoded_images(args, strategy)
+            counts = self.placeholder_counts(encoded)
             self._attach_prompts(encoded, image_mask, args)
             kept, feats = self._select(strategy, encoded)
-            keep_mask = self._keep_mask(image_mask, kept, [f.shape[0] for f in encoded.features])
+            run_kept, run_feats = self.expand_selection(encoded, kept, feats)
+            keep_mask = self._keep_mask(image_mask, run_kept, counts)
             outer = Compaction.from_keep_mask(keep_mask)
             selection = Selection(
                 kept=kept,
                 available=[f.shape[0] for f in encoded.features],
-                sample_of=self._sample_of(image_mask, [f.shape[0] for f in encoded.features]),
+                sample_of=self._sample_of(image_mask, counts),
             )
             args = self.compact_args(args, outer)
-            out = self.call_pruned(original, args, feats)
+            out = self.call_pruned(original, args, run_feats)
             record = CacheRecord(outer=outer, outer_len=outer_len, lm_len=outer.length)
         else:
             assert isinstance(strategy, LLMStrategy)
             encoded_counts = self.image_token_counts(args)
             run = self._llm_run(state, strategy, image_mask, args.get("attention_mask"), encoded_counts)
-            layers = self.decoder_layers()
+            layers: Any = self.decoder_layers()
             probes = {id(layers[k - 1].self_attn): make_stage_probe(k) for k in run.budgets}
             with active_run(run), probing(probes):
                 out = original(**args)
@@ -299,16 +338,16 @@ class Adapter:
         ids = args["input_ids"]
         mask = args.get("attention_mask")
         valid = ~image_mask if mask is None else (~image_mask & mask.bool())
-        samples = self._sample_of(image_mask, [f.shape[0] for f in encoded.features])
+        samples = self._sample_of(image_mask, self.placeholder_counts(encoded))
         for count, members in encoded.groups.items():
             encoded.signals[count].prompt_ids = [ids[samples[i]][valid[samples[i]]] for i in members]
 
     def _select(self, strategy: VisionStrategy, encoded: EncodedImages) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         kept: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
         feats: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
-        for count, members in encoded.groups.items():
-            k = strategy.budget(count)
-            result: VisionSelection = strategy.select(encoded.signals[count], k)
+        for key, members in encoded.groups.items():
+            k = strategy.budget(int(encoded.signals[key].features.shape[1]))
+            result: VisionSelection = strategy.select(encoded.signals[key], k)
             if result.indices.shape != (len(members), k):
                 raise RuntimeError(
                     f"strategy {strategy.name!r} returned {tuple(result.indices.shape)} indices, expected "
@@ -357,10 +396,15 @@ class Adapter:
             positions = self.default_positions(args, past_len)
         pad_id = self.pad_token_id()
         args["input_ids"] = outer.gather(ids, fill=pad_id)
+        for name in self.per_token_args():
+            if args.get(name) is not None:
+                args[name] = outer.gather(args[name], fill=0, dim=-1)
         mask = args.get("attention_mask")
         if mask is not None:
             args["attention_mask"] = outer.gather(mask, fill=0)
-        elif outer.has_padding:
+        elif outer.has_padding or outer.length < ids.shape[1]:
+            # An explicit mask: without one (and without a cache), transformers reads the gaps that pruning leaves in
+            # position_ids as boundaries of packed sequences.
             args["attention_mask"] = outer.valid.long()
         args["position_ids"] = outer.gather(positions, fill=1, dim=-1)
         return args
@@ -417,6 +461,20 @@ class Adapter:
         last = max(stages) if stages else None
         kept = stages[last] if last is not None else [torch.arange(n) for n in counts]
         return Selection(kept=kept, available=counts, sample_of=[s for s, _ in slots], layer=last, stages=stages)
+
+
+def _encoder_hook(
+    original: Callable[..., Any], encode: Callable[..., Any], strategy: VisionStrategy
+) -> Callable[..., Any]:
+    """Wrap an encoder method (e.g. `get_image_features`) so it runs through `encode(original, args, strategy)`."""
+    signature = inspect.signature(original)
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        bound = dict(signature.bind(*args, **kwargs).arguments)
+        bound.update(bound.pop("kwargs", None) or {})
+        return encode(original, bound, strategy)
+
+    return hooked
 
 
 # ---------------------------------------------------------------------- probes for vision-side signals

@@ -21,13 +21,13 @@ class LlavaAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.inner = model.model if hasattr(model, "lm_head") else model
+        self.inner: Any = model.model if hasattr(model, "lm_head") else model
 
-    def wrapped_module(self) -> nn.Module:
+    def wrapped_module(self) -> Any:
         return self.inner
 
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.inner.language_model.layers  # type: ignore[no-any-return]
+    def decoder_layers(self) -> Any:
+        return self.inner.language_model.layers
 
     def text_config(self) -> Any:
         return self.inner.config.text_config
@@ -35,13 +35,13 @@ class LlavaAdapter(Adapter):
     def image_token_id(self) -> int:
         return int(self.inner.config.image_token_id)
 
-    def _vision_layers(self) -> nn.ModuleList:
+    def _vision_layers(self) -> Any:
         tower = self.inner.vision_tower
         tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel in transformers 4.x wraps a vision_model
-        return tower.encoder.layers  # type: ignore[no-any-return]
+        return tower.encoder.layers
 
-    def vision_attention(self, layer: int) -> nn.Module:
-        return self._vision_layers()[layer].self_attn  # type: ignore[no-any-return]
+    def vision_attention(self, layer: int) -> Any:
+        return self._vision_layers()[layer].self_attn
 
     def vision_num_layers(self) -> int:
         return len(self._vision_layers())
@@ -108,5 +108,5 @@ class LlavaAdapter(Adapter):
     def call_pruned(self, forward: Callable[..., Any], args: dict[str, Any], features: list[torch.Tensor]) -> Any:
         args = dict(args)
         args["pixel_values"] = None
-        args["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        args["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}  # type: ignore[arg-type]
         return forward(**args)

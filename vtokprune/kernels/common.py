@@ -61,11 +61,14 @@ def _additive_mask(mask: torch.Tensor | None, b: int, h: int, r: int, n: int, na
     if mask.dim() == 2:
         mask = mask[:, None, None, :]
     if mask.dim() != 4 or mask.shape[0] != b or mask.shape[1] not in (1, h) or mask.shape[2] not in (1, r):
-        raise ValueError(f"{name} must be [B, {n}] or [B, 1|H, 1|R, {n}] with B={b}, H={h}, R={r}; got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name} must be [B, {n}] or [B, 1|H, 1|R, {n}] with B={b}, H={h}, R={r}; got {tuple(mask.shape)}"
+        )
     if mask.shape[3] != n:
         raise ValueError(f"{name} has {mask.shape[3]} key columns, expected {n}")
     if mask.dtype == torch.bool:
-        mask = torch.zeros((), dtype=torch.float32, device=mask.device).masked_fill(~mask, -torch.inf)
+        zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+        mask = torch.where(mask, zero, torch.full_like(zero, -torch.inf))
     elif not mask.dtype.is_floating_point:
         raise TypeError(f"{name} must be boolean (True = attend) or an additive float mask, got {mask.dtype}")
     return mask.expand(b, h, r, n)
@@ -106,7 +109,9 @@ def prepare(
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= t:
         raise ValueError(f"keep must be an int in [1, {t}], got {keep!r}")
     if lse is not None and context_k is not None:
-        raise ValueError("give either lse= (the full normaliser) or context_k= (extra keys to normalise over), not both")
+        raise ValueError(
+            "give either lse= (the full normaliser) or context_k= (extra keys to normalise over), not both"
+        )
     if lse is not None and lse.shape != (b, h, r):
         raise ValueError(f"lse must be [B, H, R] = [{b}, {h}, {r}]; got {tuple(lse.shape)}")
     ctx_mask = None

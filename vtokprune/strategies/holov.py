@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import BudgetError
 from ..registry import register_strategy
-from ..selection import topk_indices
+from ..selection import gather_tokens, topk_indices
 from .base import VisionSelection, VisionSignals, VisionStrategy
 from .cls_attention import cls_attention_scores
 
@@ -84,6 +84,8 @@ def holov_select_one(
     token_scores = [holistic_scores(attn[c], features[c], alpha) for c in crops]
     crop_scores = torch.stack([s.mean() for s in token_scores])
     sizes = torch.tensor([c.numel() for c in crops], device=device)
+    if int(sizes.sum()) < k:
+        raise ValueError(f"holov: the crops hold {int(sizes.sum())} tokens, fewer than the budget {k}")
     alloc = allocate(crop_scores, sizes, k)
     kept = [c[topk_indices(s, int(a))] for c, s, a in zip(crops, token_scores, alloc.tolist()) if a > 0]
     return torch.sort(torch.cat(kept)).values
@@ -135,4 +137,4 @@ class HoloV(VisionStrategy):
         attn = cls_attention_scores(signals.cls_attn[max(signals.cls_attn)])
         crops = self.crop_indices(signals)
         idx = torch.stack([holov_select_one(feats[i], attn[i], crops, k, float(self.alpha)) for i in range(n)])
-        return VisionSelection(idx, torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1])))
+        return VisionSelection(idx, gather_tokens(feats, idx))

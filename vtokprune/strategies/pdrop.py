@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -152,9 +152,9 @@ class PyramidDrop(LLMStrategy):
     def stage_counts(self, available: int) -> tuple[tuple[int, ...], list[int]]:
         """(layers in reference depth, tokens per image kept from each on), before scaling to the model."""
         if self.fractions is not None:
-            pairs = tuple(self.fractions)  # normalised to ((layer, fraction), ...) by __post_init__
-            layers = tuple(int(layer) for layer, _ in pairs)
-            counts = [max(1, min(available, math.ceil(float(f) * available - 1e-9))) for _, f in pairs]
+            pairs = cast("tuple[tuple[int, float], ...]", self.fractions)  # normalised by __post_init__
+            layers = tuple(layer for layer, _ in pairs)
+            counts = [max(1, min(available, math.ceil(f * available - 1e-9))) for _, f in pairs]
             return layers, counts
         layers = self.layers if self.layers is not None else self.default_layers
         if self.keep is not None or self.ratio is not None:

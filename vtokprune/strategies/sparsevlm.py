@@ -95,7 +95,7 @@ def recycle_pruned(
     num = hk * wk[..., None]
     num = num.scatter_add(1, target[..., None].expand(b, target.shape[1], d), hp * wp[..., None])
     den = wk.scatter_add(1, target, wp)
-    absorbed = torch.zeros_like(kvalid).scatter_add(1, target, pvalid.long()) > 0  # [B, K]
+    absorbed = torch.zeros_like(kvalid, dtype=torch.long).scatter_add(1, target, pvalid.long()) > 0  # [B, K]
     absorbed &= kvalid
     merged = (num / den.clamp(min=eps)[..., None]).to(hidden.dtype)
     out = hidden.clone()

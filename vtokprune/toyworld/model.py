@@ -113,7 +113,7 @@ def build_model(
         eos_token_id=EOS_ID,
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
+    llava_kwargs: dict[str, Any] = dict(
         vision_config=vision,
         text_config=text,
         image_token_id=IMAGE_ID,
@@ -122,6 +122,7 @@ def build_model(
         vision_feature_select_strategy="default",
         pad_token_id=PAD_ID,
     )
+    config = LlavaConfig(**llava_kwargs)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = PAD_ID

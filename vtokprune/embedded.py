@@ -1,0 +1,57 @@
+"""The embedded default model: the toy LLaVA trained and shipped with the package, else a tiny random LLaVA.
+
+Either way nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TOY_DIR = Path(__file__).parent / "assets" / "toy-llava"
+
+
+def toy_checkpoint() -> Path | None:
+    return TOY_DIR if (TOY_DIR / "config.json").exists() else None
+
+
+def load_default() -> tuple[Any, Any, str]:
+    path = toy_checkpoint()
+    if path is not None:
+        from .loading import load_pretrained
+
+        model, processor, _ = load_pretrained(str(path), dtype="float32")
+        return model, processor, f"embedded toy LLaVA ({path.name}, trained on the toy world)"
+    from .tiny import tiny_llava
+
+    return tiny_llava(seed=0), None, "embedded tiny random LLaVA (untrained; answers are token ids)"
+
+
+def example_inputs(model: Any, processor: Any, image: str | None, question: str | None) -> tuple[dict, str | None]:
+    """Inputs for `vtokprune run`: an image file or a generated scene, and a question."""
+    if processor is None:
+        from .tiny import llava_inputs
+
+        return llava_inputs(model, [[5, 6, 7, 8]]), None
+    from PIL import Image
+
+    if image is not None:
+        with Image.open(image) as img:
+            picture = img.convert("RGB")
+        question = question or "What is in the image?"
+    else:
+        from .toyworld import example_scene  # type: ignore[attr-defined]
+
+        picture, default_question = example_scene()
+        question = question or default_question
+    prompt = build_prompt(processor, question)
+    inputs = processor(images=picture, text=prompt, return_tensors="pt")
+    return dict(inputs), question
+
+
+def build_prompt(processor: Any, question: str) -> str:
+    template = getattr(processor, "chat_template", None)
+    if template:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return str(processor.apply_chat_template(conversation, add_generation_prompt=True))
+    return f"USER: <image>\n{question} ASSISTANT:"
