@@ -79,8 +79,14 @@ def test_visionzip_batch_is_each_image_alone():
     s = get_strategy("visionzip", keep=7, contextual_ratio=0.3)
     both = s.select(sig, 7)
     for i in range(n):
-        one = s.select(VisionSignals(features=sig.features[i : i + 1], cls_attn={2: sig.cls_attn[2][i : i + 1]},
-                                     keys={2: sig.keys[2][i : i + 1]}), 7)
+        one = s.select(
+            VisionSignals(
+                features=sig.features[i : i + 1],
+                cls_attn={2: sig.cls_attn[2][i : i + 1]},
+                keys={2: sig.keys[2][i : i + 1]},
+            ),
+            7,
+        )
         assert torch.equal(one.indices, both.indices[i : i + 1])
         assert torch.allclose(one.features, both.features[i : i + 1])
         assert len(set(both.indices[i].tolist())) == 7
@@ -119,18 +125,24 @@ def test_holov_crop_with_all_the_mass():
 
 
 def test_holov_similarity_variance_term_changes_ranking():
-    # equal attention inside one crop: the token whose similarities vary most wins
-    feats = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [1.0, 0.02]]).unsqueeze(0)
-    sig = VisionSignals(features=feats, grid=(2, 2), cls_attn={0: torch.full((1, 1, 4), 0.25)})
-    s = get_strategy("holov", keep=1, crops=(1, 1), alpha=1.0)
-    assert s.select(sig, 1).indices.tolist() == [[2]]
+    # one crop; token 3 has the most attention but the same similarity to everyone (variance 0), tokens 0/1 are
+    # duplicates whose similarities to the others vary most
+    r = 0.5**0.5
+    feats = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [r, r]]).unsqueeze(0)
+    sig = VisionSignals(features=feats, grid=(2, 2), cls_attn={0: torch.tensor([[[0.24, 0.24, 0.24, 0.28]]])})
+    assert get_strategy("holov", keep=1, crops=(1, 1), alpha=0.0).select(sig, 1).indices.tolist() == [[3]]
+    assert get_strategy("holov", keep=1, crops=(1, 1), alpha=1.0).select(sig, 1).indices.tolist() == [[0]]
 
 
 def test_holov_uses_tiles_when_given():
     attn = torch.zeros(12)
     attn[6:] = torch.arange(6, dtype=torch.float) + 1  # all the mass in the second tile
-    sig = VisionSignals(features=torch.randn(1, 12, 4), grid=(3, 4), cls_attn={0: attn.view(1, 1, 12)},
-                        tiles=[list(range(6)), list(range(6, 12))])
+    sig = VisionSignals(
+        features=torch.randn(1, 12, 4),
+        grid=(3, 4),
+        cls_attn={0: attn.view(1, 1, 12)},
+        tiles=[list(range(6)), list(range(6, 12))],
+    )
     assert get_strategy("holov", keep=3).select(sig, 3).indices.tolist() == [[9, 10, 11]]
 
 
@@ -152,8 +164,9 @@ def test_flowcut_pruned_tokens_never_return():
     a0 = torch.tensor([0.97, 0.01, 0.01, 0.01, 0.0, 0.0]).expand(h, t)
     a2 = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.01, 0.99]).expand(h, t)
     vals = torch.ones(h, t, d)
-    kept = flowcut_select_one({0: a0, 2: a2}, {0: vals, 2: vals}, {0: torch.zeros(h, d), 2: torch.zeros(h, d)},
-                              k=2, stride=2, smoothing=0.5)
+    kept = flowcut_select_one(
+        {0: a0, 2: a2}, {0: vals, 2: vals}, {0: torch.zeros(h, d), 2: torch.zeros(h, d)}, k=2, stride=2, smoothing=0.5
+    )
     assert set(kept.tolist()) <= {0, 1, 2} and len(kept) == 2  # layer 0 kept 3; token 5 was gone by layer 2
 
 
@@ -175,13 +188,11 @@ def test_flowcut_exact_budget_random():
 
 # ---------------------------------------------------------------------------------------------- divprune
 def test_divprune_picks_farthest_points():
-    s = math.sqrt(0.5)
     pts = torch.tensor([[1.0, 0.0], [0.99, 0.01], [0.0, 1.0], [-1.0, 0.0], [0.1, 1.0]])
     d = cosine_distance(pts)
     assert max_min_diverse(d, 1).tolist() == [3]  # its nearest neighbour is the farthest
     assert max_min_diverse(d, 2).tolist() == [0, 3]
     assert max_min_diverse(d, 3).tolist() == [0, 2, 3]
-    assert s > 0
     same = cosine_distance(torch.ones(6, 3))
     assert max_min_diverse(same, 4).tolist() == [0, 1, 2, 3]  # ties: lowest index, never the same token twice
 
@@ -197,7 +208,7 @@ def test_divprune_select_gathers_features():
 def test_text_patch_scores_cosine():
     text = torch.tensor([[1.0, 0.0]])
     patches = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]])
-    assert torch.allclose(text_patch_scores(text, patches), torch.tensor([[1.0, 0.0, s2]]) if (s2 := 0.5**0.5) else None)
+    assert torch.allclose(text_patch_scores(text, patches), torch.tensor([[1.0, 0.0, math.sqrt(0.5)]]))
 
 
 @pytest.fixture(scope="module")
@@ -210,17 +221,36 @@ def clip_dirs(tmp_path_factory):
     vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2, "<image>": 3} | {f"w{i}": i for i in range(4, 96)} | {"[UNK]": 96}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="<s>", eos_token="</s>",
-                                   unk_token="[UNK]", additional_special_tokens=["<image>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="[UNK]",
+        additional_special_tokens=["<image>"],
+    )
     fast.save_pretrained(root / "vlm_tok")
 
     def build(width: int, path):
         torch.manual_seed(0)
         cfg = CLIPConfig(
-            text_config=dict(vocab_size=100, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=2, max_position_embeddings=32, eos_token_id=2),
-            vision_config=dict(hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=56, patch_size=14),
+            text_config=dict(
+                vocab_size=100,
+                hidden_size=24,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=32,
+                eos_token_id=2,
+            ),
+            vision_config=dict(
+                hidden_size=width,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=56,
+                patch_size=14,
+            ),
             projection_dim=16,
         )
         CLIPModel(cfg).save_pretrained(path)
@@ -266,8 +296,9 @@ def test_text_clip_errors(clip_dirs, model):
     try:
         import open_clip  # noqa: F401
     except ImportError:
-        oc = get_strategy("text_clip", keep=4, clip="ViT-B-32", tokenizer=str(clip_dirs / "vlm_tok"),
-                          backend="open_clip")
+        oc = get_strategy(
+            "text_clip", keep=4, clip="ViT-B-32", tokenizer=str(clip_dirs / "vlm_tok"), backend="open_clip"
+        )
         with pytest.raises(CapabilityError, match="open_clip_torch"), torch.no_grad(), vtokprune.pruned(model, oc):
             model(**inp)
 
@@ -323,3 +354,12 @@ def test_end_to_end_budget_keep_all_and_batch(name, model, clip_dirs):
 @pytest.mark.parametrize("name", ["cls_multilayer", "visionzip", "holov", "flowcut"])
 def test_cls_strategies_declare_cls(name):
     assert "cls_attn" in get_strategy(name, keep=4).needs
+
+
+@pytest.mark.parametrize("name", ["visionzip", "flowcut"])
+def test_generate_runs_pruned(name, model):
+    inp = inputs_for(model, [[5, 6, 7]])
+    with torch.no_grad(), vtokprune.pruned(model, get_strategy(name, ratio=0.25)):
+        out = model.generate(**inp, max_new_tokens=3, do_sample=False)
+        assert len(vtokprune.last_selection(model).kept[0]) == 16
+    assert out.shape[1] == inp["input_ids"].shape[1] + 3

@@ -94,9 +94,10 @@ class ForwardRun:
     strategy: LLMStrategy
     image_mask: torch.Tensor  # [B, L_lm] visual tokens at LM level
     valid: torch.Tensor  # [B, L_lm] real tokens at LM level
-    budgets: dict[int, torch.Tensor]  # stage layer -> [B] visual tokens to keep per sample
+    budgets: dict[int, torch.Tensor]  # stage layer -> [B, M] visual tokens to keep per image (M images at most)
     num_layers: int
     eager: bool
+    image_ids: torch.Tensor | None = None  # [B, L_lm] index of the image (within its sample) of each token, else -1
     record: CacheRecord | None = None  # decoding against a pruned cache
     kv_len: int = 0  # LM-level key length of this call (past + new), for decoding
     current: Compaction | None = None
@@ -191,11 +192,20 @@ def _prune_stage(run: ForwardRun, layer: int, hidden: torch.Tensor) -> torch.Ten
         )
     ctx = run.context(hidden, layer)
     candidates = ctx.image_mask
-    # Rank candidates by score (stable: ties go to the earlier token) and keep each sample's budget.
-    ranked = torch.sort(scores.float().masked_fill(~candidates, -torch.inf), dim=1, descending=True, stable=True)
-    rank_of = torch.empty_like(ranked.indices)
-    rank_of.scatter_(1, ranked.indices, torch.arange(ranked.indices.shape[1], device=hidden.device).expand_as(rank_of))
-    chosen = candidates & (rank_of < run.budgets[layer][:, None])
+    assert run.image_ids is not None
+    image_ids = run.image_ids if run.current is None else run.current.gather(run.image_ids, fill=-1)
+    image_ids = image_ids.masked_fill(~candidates, -1)
+    # Rank candidates by score (stable: ties go to the earlier token), then keep each image's budget of its own.
+    order = torch.sort(scores.float().masked_fill(~candidates, -torch.inf), dim=1, descending=True, stable=True).indices
+    image_sorted = torch.gather(image_ids, 1, order)
+    rank_sorted = torch.zeros_like(order)
+    budget = run.budgets[layer]
+    for j in range(budget.shape[1]):
+        in_image = image_sorted == j
+        rank_sorted = torch.where(in_image, torch.cumsum(in_image.long(), dim=1) - 1, rank_sorted)
+    budget_sorted = torch.gather(budget, 1, image_sorted.clamp(min=0))
+    chosen_sorted = (image_sorted >= 0) & (rank_sorted < budget_sorted)
+    chosen = torch.zeros_like(candidates).scatter(1, order, chosen_sorted)
     inner = Compaction.from_keep_mask(chosen | ~candidates)  # padding stays: masked as before, shapes unchanged
     merged = run.strategy.merge(hidden, inner.cols, ctx, scores)
     new_hidden = inner.gather(hidden if merged is None else merged)

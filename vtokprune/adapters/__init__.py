@@ -6,10 +6,13 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
-for _cls in (LlavaAdapter,):
+for _cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, InternVLAdapter):
     for _t in _cls.model_types:
         ADAPTERS[_t] = _cls
 

@@ -430,24 +430,33 @@ class Adapter:
         layers = self.decoder_layers()
         slots = self._image_slots(image_mask, counts)
         b = image_mask.shape[0]
-        budgets: dict[int, torch.Tensor] = {}
+        # Each image keeps its own budget: image j of sample s is ranked only against its own tokens.
+        image_ids = torch.full(image_mask.shape, -1, dtype=torch.long, device=image_mask.device)
+        slot_of: list[tuple[int, int]] = []
+        seen: dict[int, int] = {}
+        for sample, cols in slots:
+            j = seen.get(sample, 0)
+            seen[sample] = j + 1
+            image_ids[sample, cols] = j
+            slot_of.append((sample, j))
+        m = max(seen.values(), default=1)
         per_image = [strategy.schedule(len(layers), n) for n in counts]
-        stages = sorted(strategy.schedule(len(layers), max(counts)))
-        for layer in stages:
-            budget = torch.zeros(b, dtype=torch.long, device=image_mask.device)
-            for (sample, _), sched in zip(slots, per_image):
-                budget[sample] += sched[layer]
+        budgets: dict[int, torch.Tensor] = {}
+        for layer in sorted(strategy.schedule(len(layers), max(counts))):
+            budget = torch.zeros(b, m, dtype=torch.long, device=image_mask.device)
+            for (sample, j), sched in zip(slot_of, per_image):
+                budget[sample, j] = sched[layer]
             budgets[layer] = budget
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(image_mask)
-        run = ForwardRun(
+        return ForwardRun(
             strategy=strategy,
             image_mask=image_mask,
             valid=valid,
             budgets=budgets,
             num_layers=len(layers),
             eager=self._eager(),
+            image_ids=image_ids,
         )
-        return run
 
     def _llm_selection(self, run: ForwardRun, image_mask: torch.Tensor, counts: list[int]) -> Selection:
         slots = self._image_slots(image_mask, counts)

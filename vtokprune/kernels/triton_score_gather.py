@@ -253,7 +253,7 @@ def _gather_kernel(
     vals = tl.load(x_ptr + b * sx_b + idx[:, None] * sx_t + offs_d[None, :] * sx_d, mask=ok)
     tl.store(out_ptr + b * so_b + offs_k[:, None] * so_k + offs_d[None, :] * so_d, vals, mask=ok)
     if HAS_POS:
-        pos_ok = k_ok & (pid_d == 0)  # the first D-block's programs copy the positions
+        pos_ok = offs_k < tl.where(pid_d == 0, KEEP, 0)  # only the first D-block's programs copy the positions
         pos = tl.load(pos_ptr + b * sp_b + idx * sp_t, mask=pos_ok)
         tl.store(out_pos_ptr + b * sop_b + offs_k * sop_k, pos, mask=pos_ok)
 

@@ -115,7 +115,9 @@ class FlowCut(VisionStrategy):
         rows = []
         for i in range(n):
             # with the [CLS] kept among the features (no cls_values), token 0 is the [CLS]
-            cls_v = {layer: signals.cls_values.get(layer, signals.values[layer][:, :, 0])[i] for layer in signals.values}
+            cls_v = {
+                layer: signals.cls_values.get(layer, signals.values[layer][:, :, 0])[i] for layer in signals.values
+            }
             per_layer = {layer: a[i] for layer, a in signals.cls_attn.items()}
             vals = {layer: v[i] for layer, v in signals.values.items()}
             rows.append(flowcut_select_one(per_layer, vals, cls_v, k, self.stride, float(self.smoothing)))

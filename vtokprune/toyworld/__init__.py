@@ -1,4 +1,5 @@
-"""A procedurally generated shape world and a tiny LLaVA trained on it: an offline benchmark for visual token pruning."""
+"""A procedurally generated shape world and a tiny LLaVA trained on it: an offline benchmark for visual token
+pruning."""
 
 from .model import answer, build_model, build_processor, build_tokenizer, load, prompt
 from .scenes import (

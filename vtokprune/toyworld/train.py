@@ -34,13 +34,15 @@ class TrainConfig:
     minutes: float = 40.0  # wall-clock budget for the optimisation loop
     max_steps: int = 100_000
     batch: int = 4  # images per step
-    turns: int = 8  # questions per image (multi-turn sequence)
-    lr: float = 2e-3
+    turns: int = 10  # questions per image (multi-turn sequence)
+    lr: float = 1.5e-3
     min_lr_frac: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.01
     patch_weight: float = 1.0
-    cls_weight: float = 1.0
+    cls_weight: float = 2.0
+    word_weight: float = 1.0  # projected patch tokens -> colour and shape words (input-embedding space)
+    fg_weight: float = 5.0  # weight of object patches (vs background) in the per-patch loss
     vision_width: int = 128
     vision_layers: int = 4
     text_width: int = 128
@@ -104,7 +106,21 @@ def build_batch(seeds: list[int], processor: Any, turns: int) -> dict[str, torch
     }
 
 
-def losses(model: Any, heads: AuxHeads, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def word_targets(tokenizer: Any) -> torch.Tensor:
+    """[NUM_CLASSES, 2] token ids of (colour word, shape word) for every patch class (row 0, background: unused)."""
+    from .scenes import COLORS, SHAPES
+
+    rows = [[PAD_ID, PAD_ID]] + [tokenizer.convert_tokens_to_ids([c, s]) for c in COLORS for s in SHAPES]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def losses(
+    model: Any,
+    heads: AuxHeads,
+    batch: dict[str, torch.Tensor],
+    words: torch.Tensor | None = None,
+    fg_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
     inner = model.model
     feats = inner.vision_tower(batch["pixel_values"]).last_hidden_state  # vision_feature_layer = -1
     patch_logits = heads.patch(feats[:, 1:])
@@ -123,9 +139,23 @@ def losses(model: Any, heads: AuxHeads, batch: dict[str, torch.Tensor]) -> dict[
     # accuracy on answer words only (not on the </s> after them)
     is_word = target != EOS_ID
     acc = (logits.argmax(-1) == target)[is_word].float().mean()
-    patch_loss = F.cross_entropy(patch_logits.reshape(-1, NUM_CLASSES), batch["patch_labels"].reshape(-1))
-    cls_loss = F.binary_cross_entropy_with_logits(cls_logits, batch["scene_labels"])
-    return {"answer": answer_loss, "patch": patch_loss, "cls": cls_loss, "acc": acc}
+    plabels = batch["patch_labels"].reshape(-1)
+    pw = 1.0 + (fg_weight - 1.0) * (plabels > 0).float()  # object patches are few: weigh them up
+    patch_ce = F.cross_entropy(patch_logits.reshape(-1, NUM_CLASSES), plabels, reduction="none")
+    patch_loss = (patch_ce * pw).sum() / pw.sum()
+    cls_loss = F.binary_cross_entropy_with_logits(
+        cls_logits, batch["scene_labels"], pos_weight=torch.full_like(cls_logits[0], 3.0)
+    )
+    out = {"answer": answer_loss, "patch": patch_loss, "cls": cls_loss, "acc": acc}
+    if words is not None:
+        fg = batch["patch_labels"] > 0
+        if bool(fg.any()):
+            table = inner.get_input_embeddings().weight  # [V, D]
+            sims = image_embeds[fg] @ table.t() / math.sqrt(table.shape[1])
+            tgt = words[batch["patch_labels"][fg]]  # [M, 2]
+            logp = sims.log_softmax(-1)
+            out["word"] = -0.5 * (logp.gather(1, tgt[:, :1]) + logp.gather(1, tgt[:, 1:])).mean()
+    return out
 
 
 @torch.no_grad()
@@ -162,6 +192,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         lr=cfg.lr, betas=(0.9, 0.98),
     )
     val = heldout(cfg.eval_samples, base=VAL_BASE)
+    words = word_targets(processor.tokenizer) if cfg.word_weight else None
     budget = cfg.minutes * 60
     start = time.time()
     history: list[dict[str, float]] = []
@@ -180,15 +211,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         seeds = list(range(next_scene, next_scene + cfg.batch))
         next_scene += cfg.batch
         batch = build_batch(seeds, processor, cfg.turns)
-        parts = losses(model, heads, batch)
+        parts = losses(model, heads, batch, words, cfg.fg_weight)
         loss = parts["answer"] + cfg.patch_weight * parts["patch"] + cfg.cls_weight * parts["cls"]
+        if "word" in parts:
+            loss = loss + cfg.word_weight * parts["word"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         for k, v in parts.items():
-            run[k] = 0.9 * run.get(k, float(v)) + 0.1 * float(v)
+            run[k] = 0.9 * run.get(k, float(v.detach())) + 0.1 * float(v.detach())
         if step % cfg.log_every == 0:
             log(
                 f"step {step} t={time.time() - start:.0f}s lr={lr:.2e} "
