@@ -158,7 +158,8 @@ def tiny_llava_next(
         projection_dim=32,
     )
     s = image_size
-    config = LlavaNextConfig(
+    make: Any = LlavaNextConfig
+    config = make(
         vision_config=vision,
         text_config=LlamaConfig(**_text_kwargs(text_layers)),
         image_token_index=IMAGE_TOKEN_ID,
@@ -169,7 +170,8 @@ def tiny_llava_next(
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    return _finish(LlavaNextForConditionalGeneration(config), attn_implementation, dtype)
+    model_cls: Any = LlavaNextForConditionalGeneration
+    return _finish(model_cls(config), attn_implementation, dtype)
 
 
 def llava_next_token_count(model: Any, size: tuple[int, int]) -> int:
@@ -229,11 +231,11 @@ def tiny_qwen2_vl(
     dtype: torch.dtype = torch.float32,
 ) -> Any:
     """Qwen2VLForConditionalGeneration (version "2") or Qwen2_5_VLForConditionalGeneration ("2.5"), tiny."""
-    text = dict(
+    text: dict[str, Any] = dict(
         _text_kwargs(text_layers),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
     )
-    common = dict(
+    common: dict[str, Any] = dict(
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
         vision_start_token_id=VISION_START_ID,
@@ -243,8 +245,10 @@ def tiny_qwen2_vl(
     if version == "2":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-        vision = dict(depth=vision_layers, embed_dim=32, hidden_size=64, num_heads=4, patch_size=patch_size, mlp_ratio=2)
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+        vision: dict[str, Any] = dict(
+            depth=vision_layers, embed_dim=32, hidden_size=64, num_heads=4, patch_size=patch_size, mlp_ratio=2
+        )
+        make: Any = Qwen2VLConfig
         cls: Any = Qwen2VLForConditionalGeneration
     else:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -259,8 +263,9 @@ def tiny_qwen2_vl(
             window_size=4 * patch_size,  # 2x2 merged tokens per window: real windowing on tiny grids
             fullatt_block_indexes=[vision_layers - 1],
         )
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+        make = Qwen2_5_VLConfig
         cls = Qwen2_5_VLForConditionalGeneration
+    config = make(text_config=text, vision_config=vision, **common)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return _finish(cls(config), attn_implementation, dtype)
@@ -277,7 +282,8 @@ def qwen_inputs(
     vc = model.config.vision_config
     merge = vc.spatial_merge_size**2
     seqs, types = [], []
-    image_grids, video_grids = [], []
+    image_grids: list[tuple[int, int, int]] = []
+    video_grids: list[tuple[int, int, int]] = []
     for p, items in zip(prompts, images):
         seq, typ = [1], [0]
         for t, h, w in items:
@@ -327,7 +333,8 @@ def tiny_internvl(
         patch_size=[patch_size, patch_size],
     )
     tokens = (image_size // patch_size // 2) ** 2
-    config = InternVLConfig(
+    make: Any = InternVLConfig
+    config = make(
         vision_config=vision,
         text_config=Qwen2Config(**_text_kwargs(text_layers)),
         image_token_id=IMAGE_TOKEN_ID,

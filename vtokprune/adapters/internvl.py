@@ -34,10 +34,12 @@ class InternVLAdapter(LlavaAdapter):
     example_model = "OpenGVLab/InternVL3-1B-hf"
 
     def _vision_layers(self) -> nn.ModuleList:
-        return self.inner.vision_tower.encoder.layer  # type: ignore[no-any-return]
+        tower: Any = self.inner.vision_tower
+        return tower.encoder.layer  # type: ignore[no-any-return]
 
     def vision_attention(self, layer: int) -> nn.Module:
-        return self._vision_layers()[layer].attention  # type: ignore[no-any-return]
+        block: Any = self._vision_layers()[layer]
+        return block.attention  # type: ignore[no-any-return]
 
     def _groups(self, side: int, device: torch.device) -> torch.Tensor:
         """[T, 4] the vision patches (raster index in the side x side tile grid) behind each shuffled token."""

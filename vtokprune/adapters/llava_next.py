@@ -156,7 +156,7 @@ class LlavaNextAdapter(LlavaAdapter):
         for key, members in groups.items():
             lay = layouts[members[0]]
 
-            def stack(name: str, head_dim: bool) -> dict[int, torch.Tensor]:
+            def stack(name: str, head_dim: bool, members: list[int] = members) -> dict[int, torch.Tensor]:
                 return {
                     layer: torch.stack([per_image(x, i, head_dim) for i in members])
                     for layer, x in captured.get(name, {}).items()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..runtime import CacheRecord
+from ..runtime import CacheRecord, PrunerState
 from ..strategies.base import VisionSignals, VisionStrategy
 from .base import Adapter, EncodedImages
 
@@ -37,7 +37,7 @@ class Qwen2VLAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.inner = model.model if hasattr(model, "lm_head") else model
+        self.inner: Any = model.model if hasattr(model, "lm_head") else model
         self._next_position: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ structure
@@ -226,6 +226,26 @@ class Qwen2VLAdapter(Adapter):
         if cache is not None:
             self._next_position[cache] = next_position
         return out
+
+    def _prefill(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
+        out = super()._prefill(state, original, args)
+        cache = getattr(out, "past_key_values", None)
+        deltas = getattr(self.inner, "rope_deltas", None)
+        if cache is not None and cache not in self._next_position and deltas is not None:
+            # In-LLM strategies: the model computed the positions itself; continue from them the way it would.
+            mask = args.get("attention_mask")
+            ids = args["input_ids"]
+            length = mask.sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+            self._next_position[cache] = length.to(deltas.device) + deltas[:, 0]
+        return out
+
+    def _decode(
+        self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any], record: CacheRecord
+    ) -> Any:
+        if args.get("position_ids") is None and record.outer is None:
+            # transformers' own fallback (positions from the whole 2-D mask) breaks on one-token decoding steps.
+            args["position_ids"] = self.decode_positions(args, record, args["past_key_values"].get_seq_length())
+        return super()._decode(state, original, args, record)
 
     def decode_positions(self, args: dict[str, Any], record: CacheRecord, past_len: int) -> torch.Tensor:
         ids = args["input_ids"] if args.get("input_ids") is not None else args["inputs_embeds"][..., 0]

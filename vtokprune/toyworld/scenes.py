@@ -82,6 +82,7 @@ class QA:
     question: str
     answer: str
     kind: str
+    refs: tuple[int, ...] = ()  # Obj.label of the objects whose patches hold the answer (empty: none do)
 
 
 def make_scene(seed: int, glyphs: bool = True) -> Scene:
@@ -262,7 +263,7 @@ def _make(kind: str, scene: Scene, rng: np.random.Generator) -> QA | None:
         q = "what color is the smallest object ?"
     else:
         raise ValueError(f"unknown question type {kind!r}")
-    return QA(q, answer_question(scene, q), kind)
+    return QA(q, answer_question(scene, q), kind, evidence(scene, q))
 
 
 def answer_question(scene: Scene, question: str) -> str:
@@ -293,6 +294,26 @@ def answer_question(scene: Scene, question: str) -> str:
             return "yes" if a.cx < b.cx else "no"
         return "yes" if a.cy < b.cy else "no"
     raise ValueError(f"not a toyworld question: {question!r}")
+
+
+def evidence(scene: Scene, question: str) -> tuple[int, ...]:
+    """Labels of the objects a question is about (the patches an answer must look at); empty if none exist."""
+    w = question.replace("?", "").split()
+    if w[:2] == ["is", "there"]:
+        found = scene.find(w[3], w[4])
+    elif w[:3] == ["what", "color", "is"] and w[4] == "smallest":
+        found = scene.objects
+    elif w[:3] == ["what", "color", "is"]:
+        found = scene.find(shape=w[4])
+    elif w[:3] == ["what", "shape", "is"]:
+        found = scene.find(color=w[4])
+    elif w[:2] == ["how", "many"]:
+        found = scene.objects if w[2] == "objects" else scene.find(shape=_SHAPE_OF_PLURAL[w[2]])
+    elif w[0] == "is" and w[-3:] == ["small", "or", "large"]:
+        found = scene.find(w[2], w[3])
+    else:
+        found = scene.find(w[2], w[3]) + scene.find(w[-2], w[-1])
+    return tuple(sorted(o.label for o in found))
 
 
 def make_questions(scene: Scene, n: int, seed: int | None = None, kinds: tuple[str, ...] = QUESTION_TYPES) -> list[QA]:

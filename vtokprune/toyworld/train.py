@@ -43,6 +43,9 @@ class TrainConfig:
     cls_weight: float = 2.0
     word_weight: float = 1.0  # projected patch tokens -> colour and shape words (input-embedding space)
     fg_weight: float = 5.0  # weight of object patches (vs background) in the per-patch loss
+    attn_weight: float = 0.5  # attention supervision: answer position -> evidence patches
+    attn_layers: str = "1,2"  # decoder layers whose first `attn_heads` heads are supervised
+    attn_heads: int = 2
     vision_width: int = 128
     vision_layers: int = 4
     text_width: int = 128
@@ -71,6 +74,7 @@ def build_batch(seeds: list[int], processor: Any, turns: int) -> dict[str, torch
     user, assistant = _ids(tok, "USER :"), _ids(tok, "ASSISTANT :")
     n_img = 576
     images, seqs, labs, plabels, slabels = [], [], [], [], []
+    evid: list[list[tuple[int, ...]]] = []
     from .scenes import scene_labels
 
     for seed in seeds:
@@ -80,7 +84,9 @@ def build_batch(seeds: list[int], processor: Any, turns: int) -> dict[str, torch
         slabels.append(scene_labels(scene))
         ids = [BOS_ID, *user, *([IMAGE_ID] * n_img)]
         lab = [-100] * len(ids)
-        for t, qa in enumerate(make_questions(scene, turns)):
+        qas = make_questions(scene, turns)
+        evid.append([qa.refs for qa in qas])
+        for t, qa in enumerate(qas):
             head = (user if t else []) + _ids(tok, qa.question) + assistant
             ans = tok.convert_tokens_to_ids(qa.answer)
             ids += head + [ans, EOS_ID]
@@ -96,6 +102,18 @@ def build_batch(seeds: list[int], processor: Any, turns: int) -> dict[str, torch
         labels[i, : len(s)] = torch.tensor(lab)
         mask[i, : len(s)] = 1
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    # attention targets: for the position that predicts each answer, which image patches hold the evidence
+    pl = torch.from_numpy(np.stack(plabels))
+    rows, cols, targets = [], [], []
+    for b in range(len(seqs)):
+        qpos = [t for t in range(width - 1) if int(labels[b, t + 1]) not in (-100, EOS_ID)]
+        for t, refs in zip(qpos, evid[b]):
+            if refs:
+                m = torch.isin(pl[b], torch.tensor(refs))
+                if bool(m.any()):
+                    rows.append(b)
+                    cols.append(t)
+                    targets.append(m)
     return {
         "pixel_values": pixels,
         "input_ids": input_ids,
@@ -103,7 +121,62 @@ def build_batch(seeds: list[int], processor: Any, turns: int) -> dict[str, torch
         "labels": labels,
         "patch_labels": torch.from_numpy(np.stack(plabels)),
         "scene_labels": torch.from_numpy(np.stack(slabels)),
+        "attn_rows": torch.tensor(rows, dtype=torch.long),
+        "attn_cols": torch.tensor(cols, dtype=torch.long),
+        "attn_targets": torch.stack(targets) if targets else torch.zeros((0, n_img), dtype=torch.bool),
     }
+
+
+class AttentionProbe:
+    """Captures the inputs of chosen decoder attention layers to recompute one head's attention rows."""
+
+    def __init__(self, model: Any, layers: tuple[int, ...]) -> None:
+        self.inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.handles = []
+        for i in layers:
+            attn = model.model.language_model.layers[i].self_attn
+            self.handles.append(attn.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+        self.model = model
+
+    def _hook(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.inputs[i] = (h, kwargs["position_embeddings"])
+
+        return hook
+
+    def loss(self, batch: dict[str, torch.Tensor], heads: int = 1) -> torch.Tensor:
+        """-log(attention mass on the evidence patches) of the first `heads` heads, at the answer positions."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        rows, cols, tgt = batch["attn_rows"], batch["attn_cols"], batch["attn_targets"]
+        if rows.numel() == 0:
+            return torch.zeros(())
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        total = torch.zeros(())
+        for i, (h, (cos, sin)) in self.inputs.items():
+            attn = self.model.model.language_model.layers[i].self_attn
+            d = attn.head_dim
+            q = attn.q_proj(h).view(*h.shape[:2], -1, d)[:, :, :heads].transpose(1, 2)  # [B, h, L, d]
+            k = attn.k_proj(h).view(*h.shape[:2], -1, d)[:, :, :heads].transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            qs = q[rows, :, cols]  # [M, h, d]
+            scores = torch.einsum("mhd,mhld->mhl", qs, k[rows]) * attn.scaling  # [M, h, L]
+            pos = torch.arange(ids.shape[1])
+            valid = (pos[None, :] <= cols[:, None]) & mask[rows].bool()
+            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+            logp = scores.log_softmax(-1)
+            img = ids[rows] == IMAGE_ID  # [M, L]; image tokens are in patch order
+            img_logp = logp[:, :, :][img[:, None, :].expand_as(logp)].view(len(rows), logp.shape[1], -1)
+            on = img_logp.masked_fill(~tgt[:, None, :], float("-inf")).logsumexp(-1)  # [M, h]
+            total = total - on.mean()
+        n = len(self.inputs)
+        self.inputs.clear()
+        return total / max(n, 1)
+
+    def remove(self) -> None:
+        for hd in self.handles:
+            hd.remove()
 
 
 def word_targets(tokenizer: Any) -> torch.Tensor:
@@ -193,6 +266,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     )
     val = heldout(cfg.eval_samples, base=VAL_BASE)
     words = word_targets(processor.tokenizer) if cfg.word_weight else None
+    layers = tuple(int(x) for x in cfg.attn_layers.split(",") if x) if cfg.attn_weight else ()
+    probe = AttentionProbe(model, layers)
     budget = cfg.minutes * 60
     start = time.time()
     history: list[dict[str, float]] = []
@@ -215,6 +290,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         loss = parts["answer"] + cfg.patch_weight * parts["patch"] + cfg.cls_weight * parts["cls"]
         if "word" in parts:
             loss = loss + cfg.word_weight * parts["word"]
+        if layers:
+            parts["attn"] = probe.loss(batch, cfg.attn_heads)
+            loss = loss + cfg.attn_weight * parts["attn"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -229,9 +307,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             )
         if cfg.eval_every and step % cfg.eval_every == 0:
             acc = quick_accuracy(model, processor, val)
+            probe.inputs.clear()
             log(f"step {step} val_acc={acc:.3f}")
             history.append({"step": step, "seconds": time.time() - start, "val_acc": acc, **run})
     seconds = time.time() - start
+    probe.remove()
     acc = quick_accuracy(model, processor, val)
     log(f"done: {step} steps, {step * cfg.batch} scenes, {seconds:.0f}s, val_acc={acc:.3f}")
     history.append({"step": step, "seconds": seconds, "val_acc": acc, **run})
