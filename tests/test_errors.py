@@ -48,12 +48,11 @@ def test_bad_budgets_fail_at_construction(kwargs, match):
 
 def test_keep_more_than_available_names_the_fix(model):
     inputs = llava_inputs(model, [[5, 6]])
-    with vtokprune.pruned(model, vtokprune.CLSAttention(keep=17)):
-        with pytest.raises(vtokprune.BudgetError, match=r"keep=17 is more than the 16 visual tokens.*keep<=16"):
-            model(**inputs)
-    with vtokprune.pruned(model, vtokprune.FastV(keep=99)):
-        with pytest.raises(vtokprune.BudgetError, match="keep=99"):
-            model(**inputs)
+    too_many = r"keep=17 is more than the 16 visual tokens.*keep<=16"
+    with vtokprune.pruned(model, vtokprune.CLSAttention(keep=17)), pytest.raises(vtokprune.BudgetError, match=too_many):
+        model(**inputs)
+    with vtokprune.pruned(model, vtokprune.FastV(keep=99)), pytest.raises(vtokprune.BudgetError, match="keep=99"):
+        model(**inputs)
     assert untouched(model)
 
 

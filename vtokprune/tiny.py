@@ -51,7 +51,7 @@ def tiny_llava(
     )
     text_kwargs.update(text_overrides)
     text = LlamaConfig(**text_kwargs)
-    config = LlavaConfig(
+    config = LlavaConfig(  # type: ignore[call-arg]
         vision_config=vision,
         text_config=text,
         image_token_id=IMAGE_TOKEN_ID,
@@ -61,7 +61,8 @@ def tiny_llava(
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model: Any = LlavaForConditionalGeneration(config)
+    model = model.to(dtype).eval()
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.generation_config.eos_token_id = None  # random weights: never stop early, so lengths are comparable
     return model
