@@ -77,7 +77,7 @@ class Adapter:
 
     def supported_signals(self) -> frozenset[str]:
         """Vision signals (beyond `features`) this adapter can give strategies."""
-        base = frozenset({"keys", "values", "hidden"})
+        base = frozenset({"keys", "values", "hidden", "grid"})
         return base | {"cls_attn"} if self.has_cls() else base
 
     def visual_token_mask(self, ids: torch.Tensor) -> torch.Tensor:

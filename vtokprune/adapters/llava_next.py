@@ -63,6 +63,9 @@ class LlavaNextAdapter(LlavaAdapter):
     example_model = "llava-hf/llava-v1.6-mistral-7b-hf"
 
     # ------------------------------------------------------------------ layout
+    def supported_signals(self) -> frozenset[str]:
+        return super().supported_signals() - {"grid"}  # anyres: a base grid plus crops, never one grid
+
     def _side(self) -> int:
         vc = self.inner.config.vision_config
         return int(vc.image_size // vc.patch_size)

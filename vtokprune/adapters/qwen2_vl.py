@@ -66,7 +66,7 @@ class Qwen2VLAdapter(Adapter):
         return self.vision_num_layers() - 1
 
     def supported_signals(self) -> frozenset[str]:
-        return frozenset()
+        return frozenset({"grid"})  # an image's merged tokens form an (h/2, w/2) grid; videos do not
 
     def visual_token_mask(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids == self.image_token_id()) | (ids == self.video_token_id())

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..errors import CapabilityError
 from ..registry import register_strategy
 from ..selection import gather_tokens
 from .base import VisionSelection, VisionSignals, VisionStrategy
@@ -99,8 +100,12 @@ class Pool(VisionStrategy):
 
     name: ClassVar[str] = "pool"
     paper: ClassVar[str] = "baseline"
+    needs: ClassVar[frozenset[str]] = frozenset({"grid"})
 
     def select(self, signals: VisionSignals, k: int) -> VisionSelection:
         if signals.grid is None:
-            raise ValueError("pool needs a square patch grid; this model's image tokens do not form one")
+            raise CapabilityError(
+                "pool needs the image tokens to form one patch grid; these do not (several crops, tiles or video "
+                "frames): use 'random', 'divprune' or 'holov' (which pools within crops) instead"
+            )
         return pool_tokens(signals.features, signals.grid, k)

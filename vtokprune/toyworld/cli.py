@@ -117,10 +117,12 @@ def write_model_card(path: Path, report: dict[str, Any]) -> None:
         "- From scratch, fp32 on CPU with one thread, AdamW, warmup + cosine schedule, scenes generated on the fly.",
         "- Loss: answer cross-entropy (10 questions per image as a multi-turn conversation) + per-patch "
         "classification head on the vision features (which colour-shape pair covers each patch) + multi-label head "
-        "on [CLS] (which pairs are present, which of them small). The two auxiliary heads are not part of the "
-        "checkpoint.",
+        "on [CLS] (which pairs are present, which of them small) + projected patch tokens scored against the input "
+        "word embeddings of their object's colour and shape words + attention supervision: at each answer position, "
+        "the first two heads of decoder layers 1 and 2 are pushed to put their mass on the patches of the objects "
+        "the question is about (`-log` of that mass). The auxiliary heads are not part of the checkpoint.",
     ]
-    if info:
+    if "scenes" in info:
         lines += [
             f"- {info['steps']} steps x {cfg.get('batch')} images = {info['scenes']} scenes "
             f"({info['questions']} questions), {info['seconds'] / 60:.1f} minutes wall time; "
