@@ -24,8 +24,13 @@ def check_model_ref(name: str) -> str:
     return name
 
 
-def load_pretrained(name: str, dtype: Any = "auto", device_map: Any = None, **kwargs: Any) -> tuple[Any, Any, str]:
-    """(model, processor, description) for any model type vtokprune has an adapter for. Weights: safetensors only."""
+def load_pretrained(
+    name: str, dtype: Any = "auto", device_map: Any = None, processor: bool = True, **kwargs: Any
+) -> tuple[Any, Any, str]:
+    """(model, processor, description) for any model type vtokprune has an adapter for. Weights: safetensors only.
+
+    `processor=False` skips the processor (None is returned in its place), for checkpoints saved without one.
+    """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from .adapters import ADAPTERS
@@ -40,5 +45,5 @@ def load_pretrained(name: str, dtype: Any = "auto", device_map: Any = None, **kw
     model = AutoModelForImageTextToText.from_pretrained(
         ref, dtype=dtype, device_map=device_map, use_safetensors=True, **kwargs
     ).eval()
-    processor = AutoProcessor.from_pretrained(ref)
-    return model, processor, f"{name} ({config.model_type})"
+    loaded = AutoProcessor.from_pretrained(ref) if processor else None
+    return model, loaded, f"{name} ({config.model_type})"
