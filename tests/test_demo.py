@@ -298,6 +298,8 @@ def test_demo_in_a_real_browser(served_app, tiny_comparer, tmp_path):
             clear.click()
             upload.set_input_files(str(picture))
             expect(status).not_to_contain_text("not an image", timeout=20_000)
+            # the upload's own event has answered (its preview is shown) before the next click
+            expect(page.locator("#vtp-preview img")).to_be_visible(timeout=20_000)
             # no question yet
             page.locator("#vtp-run").click()
             expect(status).to_contain_text("Type a question", timeout=20_000)

@@ -41,7 +41,9 @@ def test_engine_batches_match_single_requests(engine):
         single = [engine.generate([t], [im], {"max_new_tokens": 3})[0] for t, im in zip(texts, images)]
         assert batched == single
         ll_batched = engine.loglikelihood(texts, [" yes", " red", " two"], images)
-        ll_single = [engine.loglikelihood([t], [c], [im])[0] for t, c, im in zip(texts, [" yes", " red", " two"], images)]
+        ll_single = [
+            engine.loglikelihood([t], [c], [im])[0] for t, c, im in zip(texts, [" yes", " red", " two"], images)
+        ]
         for (a, ga), (b, gb) in zip(ll_batched, ll_single):
             assert a == pytest.approx(b, abs=1e-4) and ga == gb and a < 0
     engine.set_strategy(None)
@@ -69,8 +71,16 @@ def test_parse_budget():
 def test_sweep_writes_results_and_resumes(tmp_path):
     pytest.importorskip("matplotlib")
     torch.manual_seed(0)
-    kwargs = dict(strategies=["cls", "random"], budgets=["0.5", "4"], limit=4, out=tmp_path, batch_size=2,
-                  device="cpu", dtype="float32", quiet=True)
+    kwargs = dict(
+        strategies=["cls", "random"],
+        budgets=["0.5", "4"],
+        limit=4,
+        out=tmp_path,
+        batch_size=2,
+        device="cpu",
+        dtype="float32",
+        quiet=True,
+    )
     first = sweep.run_sweep(**kwargs)
     assert first["computed"] == 5  # unpruned + 2 strategies x 2 budgets
     assert all(c["status"] == "ok" for c in first["cells"]), first["cells"]
@@ -94,8 +104,18 @@ def test_sweep_writes_results_and_resumes(tmp_path):
 
 
 def test_sweep_records_errors_and_mc_task(tmp_path):
-    report = sweep.run_sweep(strategies=["cls"], budgets=["999"], tasks=["vtokprune_toy_mc", "nope"], limit=1,
-                             out=tmp_path, batch_size=8, device="cpu", dtype="float32", plots=False, quiet=True)
+    report = sweep.run_sweep(
+        strategies=["cls"],
+        budgets=["999"],
+        tasks=["vtokprune_toy_mc", "nope"],
+        limit=1,
+        out=tmp_path,
+        batch_size=8,
+        device="cpu",
+        dtype="float32",
+        plots=False,
+        quiet=True,
+    )
     by = {(c["task"], c["strategy"]): c for c in report["cells"]}
     assert by[("vtokprune_toy_mc", "none")]["status"] == "ok"
     assert by[("vtokprune_toy_mc", "none")]["metric"] == "acc"
@@ -104,8 +124,23 @@ def test_sweep_records_errors_and_mc_task(tmp_path):
 
 
 def test_sweep_cli(tmp_path, capsys):
-    code = sweep.main(["--strategies", "pool", "--budgets", "0.25", "--limit", "2", "--out", str(tmp_path),
-                       "--device", "cpu", "--dtype", "float32", "--no-plots"])
+    code = sweep.main(
+        [
+            "--strategies",
+            "pool",
+            "--budgets",
+            "0.25",
+            "--limit",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--no-plots",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "| vtokprune_toy | pool |" in out and (tmp_path / "results.csv").exists()

@@ -119,9 +119,13 @@ def _add_optional_commands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from .cli_extra import COMMANDS, run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in COMMANDS:  # optional commands parse their own options
+            return run_command(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except (VTokPruneError, FileNotFoundError, OSError, ValueError) as e:
         print(f"vtokprune: error: {e}", file=sys.stderr)

@@ -1,9 +1,9 @@
-"""Registration of the CLI commands that belong to optional parts of the project (toy world, sweeps, demo)."""
+"""CLI commands that belong to optional parts of the project (toy world, sweeps, demo). Each parses its own argv."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 # command -> (module, function taking argv, help)
@@ -16,17 +16,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def register(sub: Any) -> None:
-    for name, (module, function, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None:
-            continue
-        p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("argv", nargs="...")
-        p.set_defaults(func=_delegate(module, function))
+    """List the commands in `vtokprune --help`; `cli.main` dispatches them before argparse sees their options."""
+    for name, (_, _, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
 
 
-def _delegate(module: str, function: str) -> Any:
-    def run(args: Any) -> int:
-        fn = getattr(importlib.import_module(module), function)
-        return int(fn(list(args.argv)) or 0)
-
-    return run
+def run_command(name: str, argv: Sequence[str]) -> int:
+    module, function, _ = COMMANDS[name]
+    fn = getattr(importlib.import_module(module), function)
+    return int(fn(list(argv)) or 0)

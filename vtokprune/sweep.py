@@ -37,8 +37,21 @@ DEFAULT_TASKS = ("vtokprune_toy",)
 DEFAULT_LIMIT = 30
 LOCAL_TASKS = ("vtokprune_toy", "vtokprune_toy_mc")
 CSV_FIELDS = (
-    "task", "strategy", "budget", "kept_tokens", "available_tokens", "accuracy", "metric", "samples",
-    "ms_per_sample", "seconds", "model", "backend", "limit", "status", "error",
+    "task",
+    "strategy",
+    "budget",
+    "kept_tokens",
+    "available_tokens",
+    "accuracy",
+    "metric",
+    "samples",
+    "ms_per_sample",
+    "seconds",
+    "model",
+    "backend",
+    "limit",
+    "status",
+    "error",
 )
 
 
@@ -62,11 +75,13 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """"64" -> 64 tokens per image, "0.25" -> a quarter of them."""
+    """ "64" -> 64 tokens per image, "0.25" -> a quarter of them."""
     value = str(text).strip()
+    if value.isdigit():
+        if int(value) < 1:
+            raise ValueError(f"budget {text!r}: keep at least 1 token")
+        return Budget(keep=int(value))
     try:
-        if value.isdigit():
-            return Budget(keep=int(value))
         ratio = float(value)
     except ValueError:
         raise ValueError(f"budget {text!r} is neither a token count (64) nor a fraction (0.25)") from None
@@ -217,10 +232,12 @@ class InProcessBackend:
             else:
                 for text, image, doc in zip(texts, images, chunk):
                     choices = utils.doc_to_choice(doc)
-                    scores = []
+                    scores: list[float] = []
                     for j in range(0, len(choices), self.batch_size):
                         part = choices[j : j + self.batch_size]
-                        res = self.engine.loglikelihood([text] * len(part), [" " + c for c in part], [image] * len(part))
+                        res = self.engine.loglikelihood(
+                            [text] * len(part), [" " + c for c in part], [image] * len(part)
+                        )
                         scores.extend(r[0] for r in res)
                     best = max(range(len(choices)), key=lambda k: scores[k])
                     correct += float(best == utils.doc_to_choice_index(doc))
@@ -271,7 +288,13 @@ class LmmsEvalBackend:
         samples = int(results.get("n-samples", {}).get(task, {}).get("effective", 0) or 0)
         if samples:
             stats["ms_per_sample"] = round(1e3 * engine.stats.seconds / samples, 3)
-        return {"accuracy": accuracy, "metric": metric, "metrics": metrics, **stats, "samples": samples or stats["samples"]}
+        return {
+            "accuracy": accuracy,
+            "metric": metric,
+            "metrics": metrics,
+            **stats,
+            "samples": samples or stats["samples"],
+        }
 
 
 def _primary_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
@@ -340,8 +363,14 @@ def run_sweep(
     done = {cell_key(c): c for c in data["cells"]}
     todo = []
     for task, name, budget in plan:
-        key_cell = {"model": model_name, "backend": backend, "task": task, "strategy": name,
-                    "budget": budget.label, "limit": limit}
+        key_cell: dict[str, Any] = {
+            "model": model_name,
+            "backend": backend,
+            "task": task,
+            "strategy": name,
+            "budget": budget.label,
+            "limit": limit,
+        }
         if force or cell_key(key_cell) not in done:
             todo.append((task, name, budget, key_cell))
     if not quiet:
@@ -350,7 +379,7 @@ def run_sweep(
     bar = _progress(len(todo), quiet)
     for i, (task, name, budget, key_cell) in enumerate(todo):
         start = time.time()
-        cell = dict(key_cell)
+        cell: dict[str, Any] = dict(key_cell)
         try:
             strategy = None if name == "none" else get_strategy(name, **budget.kwargs())
             assert runner is not None
@@ -360,8 +389,8 @@ def run_sweep(
         cell["wall_seconds"] = round(time.time() - start, 3)
         cell["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         data["cells"] = [c for c in data["cells"] if cell_key(c) != cell_key(cell)] + [cell]
-        data["description"] = getattr(getattr(runner, "engine", None) or getattr(runner, "lm", None), "description",
-                                      data.get("description"))
+        engine = getattr(runner, "engine", None) or getattr(getattr(runner, "lm", None), "engine", None)
+        data["description"] = getattr(engine, "description", data.get("description"))
         save_results(results_path, data)
         line = f"{task} {name} {budget.label}: " + (
             f"acc={cell['accuracy']:.3f} kept={cell.get('kept_tokens')} {cell.get('ms_per_sample')} ms/sample"
@@ -377,14 +406,21 @@ def run_sweep(
             log(f"[{i + 1}/{len(todo)}] {line}")
     if bar is not None:
         bar.close()
-    wanted = {cell_key({"model": model_name, "backend": backend, "task": t, "strategy": n, "budget": b.label,
-                        "limit": limit}) for t, n, b in plan}
+    wanted = {
+        cell_key({"model": model_name, "backend": backend, "task": t, "strategy": n, "budget": b.label, "limit": limit})
+        for t, n, b in plan
+    }
     cells = [c for c in data["cells"] if cell_key(c) in wanted]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", cells)
     pngs = write_plots(out, cells) if plots else []
-    return {"cells": cells, "computed": len(todo), "results": str(results_path), "csv": str(out / "results.csv"),
-            "plots": [str(p) for p in pngs]}
+    return {
+        "cells": cells,
+        "computed": len(todo),
+        "results": str(results_path),
+        "csv": str(out / "results.csv"),
+        "plots": [str(p) for p in pngs],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,10 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default=None, help="HF model id or local path (default: the embedded model)")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated strategy names")
-    parser.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS),
-                        help="comma-separated token counts (64) or fractions (0.25) per image")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                        help=f"comma-separated tasks (inprocess: {', '.join(LOCAL_TASKS)}; lmms-eval: any)")
+    parser.add_argument(
+        "--budgets",
+        default=",".join(DEFAULT_BUDGETS),
+        help="comma-separated token counts (64) or fractions (0.25) per image",
+    )
+    parser.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated tasks (inprocess: {', '.join(LOCAL_TASKS)}; lmms-eval: any)",
+    )
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="documents per task (0: all)")
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="inprocess")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -407,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="recompute cells already in the results file")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
     if args.threads:
         import torch
 

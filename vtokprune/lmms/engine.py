@@ -217,7 +217,9 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     @torch.inference_mode()
-    def generate(self, texts: list[str], images: list[list[Any]], gen_kwargs: dict[str, Any] | None = None) -> list[str]:
+    def generate(
+        self, texts: list[str], images: list[list[Any]], gen_kwargs: dict[str, Any] | None = None
+    ) -> list[str]:
         """One batch: greedy (unless temperature > 0) continuations, cut at the first `until` string."""
         kwargs = dict(gen_kwargs or {})
         until = kwargs.pop("until", None)
@@ -247,7 +249,9 @@ class Engine:
         return [_cut(a, until).strip() for a in answers]
 
     @torch.inference_mode()
-    def loglikelihood(self, contexts: list[str], continuations: list[str], images: list[list[Any]]) -> list[tuple[float, bool]]:
+    def loglikelihood(
+        self, contexts: list[str], continuations: list[str], images: list[list[Any]]
+    ) -> list[tuple[float, bool]]:
         """One batch: (sum of log-probs of the continuation's tokens, whether greedy decoding would produce them)."""
         prompts = [self.prompt(c, len(ims)) for c, ims in zip(contexts, images)]
         fulls = [p + c for p, c in zip(prompts, continuations)]

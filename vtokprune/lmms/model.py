@@ -70,7 +70,9 @@ class VTokPruneLMM(lmms):
             attn_implementation=attn_implementation,
             device_map=device_map or None,
         )
-        self.engine = Engine(model, processor, description, system_prompt=self._resolve_system_prompt(system_prompt or ""))
+        self.engine = Engine(
+            model, processor, description, system_prompt=self._resolve_system_prompt(system_prompt or "")
+        )
         self.pretrained = pretrained
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self.default_max_new_tokens = int(max_new_tokens)

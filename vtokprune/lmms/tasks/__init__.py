@@ -54,4 +54,3 @@ def load_docs(task: str = "vtokprune_toy", limit: int | None = None) -> list[dic
         generate()
     docs = [json.loads(line) for line in DATA_FILE.read_text().splitlines() if line.strip()]
     return docs[:limit] if limit is not None else docs
-
