@@ -40,8 +40,6 @@ def example_inputs(model: Any, processor: Any, image: str | None, question: str 
             picture = img.convert("RGB")
         question = question or "What is in the image?"
     else:
-        from .toyworld import example_scene  # type: ignore[attr-defined]
-
         picture, default_question = example_scene()
         question = question or default_question
     prompt = build_prompt(processor, question)
@@ -55,3 +53,11 @@ def build_prompt(processor: Any, question: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return str(processor.apply_chat_template(conversation, add_generation_prompt=True))
     return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def example_scene(index: int = 0) -> tuple[Any, str]:
+    """(image, question) of the toy world's held-out split: what `vtokprune run` asks by default."""
+    from .toyworld import heldout, render
+
+    sample = heldout(index + 1)[index]
+    return render(sample.scene), sample.qa.question
