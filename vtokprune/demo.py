@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import CapabilityError, VTokPruneError
 
@@ -78,7 +78,12 @@ def load_upload(path: str | os.PathLike[str] | None) -> Image.Image:
                     )
                 if w == 0 or h == 0:
                     raise DemoInputError(not_image)
-                img.load()
+                strict = ImageFile.LOAD_TRUNCATED_IMAGES
+                ImageFile.LOAD_TRUNCATED_IMAGES = False  # other libraries (lmms-eval) turn this on process-wide
+                try:
+                    img.load()
+                finally:
+                    ImageFile.LOAD_TRUNCATED_IMAGES = strict
                 picture = ImageOps.exif_transpose(img) or img
                 return picture.convert("RGB")
     except Image.DecompressionBombError:
