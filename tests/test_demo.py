@@ -181,6 +181,12 @@ def test_load_upload_refuses_decompression_bombs_and_truncated_files(tmp_path, m
     cut.write_bytes(full.read_bytes()[:2000])
     with pytest.raises(DemoInputError, match="not an image"):
         load_upload(str(cut))
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as lmms-eval sets it at import
+    with pytest.raises(DemoInputError, match="not an image"):
+        load_upload(str(cut))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
 
 
 def test_check_question():
