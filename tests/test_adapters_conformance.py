@@ -80,8 +80,10 @@ def single(family: str, inputs: dict[str, torch.Tensor], spec: list[Any], i: int
         start = sum(sum(s) for s in spec[:i])
         out["pixel_values"] = inputs["pixel_values"][start : start + sum(spec[i])]
     else:
-        for video, pixels, grids in ((False, "pixel_values", "image_grid_thw"), (True, "pixel_values_videos",
-                                                                                 "video_grid_thw")):
+        for video, pixels, grids in (
+            (False, "pixel_values", "image_grid_thw"),
+            (True, "pixel_values_videos", "video_grid_thw"),
+        ):
             before = [g for s in spec[:i] for g in s if (g[0] > 1) == video]
             mine = [g for g in spec[i] if (g[0] > 1) == video]
             if not mine:
@@ -142,7 +144,9 @@ def stepwise(model: Any, inputs: dict[str, torch.Tensor], steps: int) -> torch.T
 
 @torch.no_grad()
 def generate(model: Any, inputs: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
-    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, suppress_tokens=SUPPRESS)
+    out = model.generate(
+        **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, suppress_tokens=SUPPRESS
+    )
     return out[:, inputs["input_ids"].shape[1] :]
 
 
@@ -276,8 +280,10 @@ def test_kept_tokens_keep_original_positions(family, name):
         assert torch.equal(cos[b][slot_ok[b]], ref_cos[b][cols[b][slot_ok[b]]])
     if record.outer is not None:
         assert pos is not None
-        gathered = ref_pos.gather(-1, cols.clamp(min=0).expand_as(pos)) if pos.dim() == 2 else torch.stack(
-            [ref_pos[r].gather(-1, cols.clamp(min=0)) for r in range(ref_pos.shape[0])]
+        gathered = (
+            ref_pos.gather(-1, cols.clamp(min=0).expand_as(pos))
+            if pos.dim() == 2
+            else torch.stack([ref_pos[r].gather(-1, cols.clamp(min=0)) for r in range(ref_pos.shape[0])])
         )
         mask = slot_ok if pos.dim() == 2 else slot_ok[None].expand_as(pos)
         assert torch.equal(pos[mask], gathered[mask])

@@ -66,8 +66,9 @@ def test_unknown_strategy_lists_the_known_ones():
 def test_unsupported_model_names_supported_types():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2))
+    llm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(vtokprune.UnsupportedModelError, match=r"model_type='llama'.*supported model types: .*llava"):
         vtokprune.apply(llm, vtokprune.CLSAttention(keep=4))
     assert not vtokprune.is_pruned(llm)

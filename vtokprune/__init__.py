@@ -1,6 +1,6 @@
 """vtokprune: visual token pruning for vision-language models, one line for any supported HF model.
 
-    model = vtokprune.apply(model, vtokprune.CLSAttention(keep=64))
+model = vtokprune.apply(model, vtokprune.CLSAttention(keep=64))
 """
 
 from __future__ import annotations

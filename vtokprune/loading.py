@@ -18,9 +18,7 @@ def check_model_ref(name: str) -> str:
     if os.path.exists(name):
         raise VTokPruneError(f"{name!r} is a file; pass the model's directory (with config.json) or a hub id")
     if not _HUB_ID.match(name) or ".." in name:
-        raise VTokPruneError(
-            f"{name!r} is neither an existing directory nor a hub id like 'llava-hf/llava-1.5-7b-hf'"
-        )
+        raise VTokPruneError(f"{name!r} is neither an existing directory nor a hub id like 'llava-hf/llava-1.5-7b-hf'")
     return name
 
 

@@ -30,15 +30,14 @@ def available_strategies() -> dict[str, type[Strategy]]:
 def get_strategy(name: str | Strategy, **kwargs: Any) -> Strategy:
     """`get_strategy("cls", keep=64)` -> CLSAttention(keep=64). A Strategy instance is returned as is."""
     from .strategies.base import Strategy
+
     if isinstance(name, Strategy):
         if kwargs:
             raise TypeError("pass keyword arguments only with a strategy name, not with a Strategy instance")
         return name
     key = str(name).strip().lower().replace("-", "_")
     if key not in _STRATEGIES:
-        raise UnknownStrategyError(
-            f"unknown strategy {name!r}; available: {', '.join(available_strategies())}"
-        )
+        raise UnknownStrategyError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
     cls = _STRATEGIES[key]
     try:
         return cls(**kwargs)

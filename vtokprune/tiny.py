@@ -349,7 +349,9 @@ def tiny_internvl(
     return _finish(InternVLForConditionalGeneration(config), attn_implementation, dtype)
 
 
-def internvl_inputs(model: Any, prompts: list[list[int]], tiles: list[list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
+def internvl_inputs(
+    model: Any, prompts: list[list[int]], tiles: list[list[int]], seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Left-padded batch; sample i has one image per entry of tiles[i] (its tile count), each in <img>...</img>."""
     per_tile = int(model.config.image_seq_length)
     seqs = []

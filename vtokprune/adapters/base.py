@@ -137,9 +137,7 @@ class Adapter:
         features = list(out.pooler_output)
         return group_features(features)
 
-    def call_pruned(
-        self, forward: Callable[..., Any], args: dict[str, Any], features: list[torch.Tensor]
-    ) -> Any:
+    def call_pruned(self, forward: Callable[..., Any], args: dict[str, Any], features: list[torch.Tensor]) -> Any:
         """Run the original forward on shortened ids/mask/positions with the given per-image features."""
         raise NotImplementedError
 
@@ -203,7 +201,9 @@ class Adapter:
                 install_probe(attn)
                 state.handles.append(("probe", attn))
             for i, decoder_layer in enumerate(layers):
-                state.handles.append(("hook", decoder_layer.register_forward_pre_hook(decoder_pre_hook(i), with_kwargs=True)))
+                state.handles.append(
+                    ("hook", decoder_layer.register_forward_pre_hook(decoder_pre_hook(i), with_kwargs=True))
+                )
 
     def uninstall(self, state: PrunerState) -> None:
         for kind, obj in reversed(state.handles):
@@ -342,7 +342,9 @@ class Adapter:
         for count, members in encoded.groups.items():
             encoded.signals[count].prompt_ids = [ids[samples[i]][valid[samples[i]]] for i in members]
 
-    def _select(self, strategy: VisionStrategy, encoded: EncodedImages) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _select(
+        self, strategy: VisionStrategy, encoded: EncodedImages
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         kept: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
         feats: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
         for key, members in encoded.groups.items():
@@ -494,8 +496,10 @@ def group_features(features: list[torch.Tensor], **signal_fields: Any) -> Encode
     groups: dict[int, list[int]] = {}
     for i, f in enumerate(features):
         groups.setdefault(int(f.shape[0]), []).append(i)
-    signals = {t: VisionSignals(features=torch.stack([features[i] for i in members]), **signal_fields)
-               for t, members in groups.items()}
+    signals = {
+        t: VisionSignals(features=torch.stack([features[i] for i in members]), **signal_fields)
+        for t, members in groups.items()
+    }
     return EncodedImages(features=features, signals=signals, groups=groups)
 
 
@@ -525,7 +529,8 @@ def run_with_vision_probes(
     signals: dict[str, dict[int, torch.Tensor]] = {}
     layers = strategy.vision_layers(adapter.vision_num_layers(), adapter.feature_layer())
     callbacks = {
-        id(adapter.vision_attention(layer)): vision_probe(signals, layer, strategy.needs, cls_offset) for layer in layers
+        id(adapter.vision_attention(layer)): vision_probe(signals, layer, strategy.needs, cls_offset)
+        for layer in layers
     }
     with probing(callbacks if strategy.needs - {"hidden"} else {}):
         out = fn()

@@ -173,7 +173,9 @@ class LlavaNextAdapter(LlavaAdapter):
                 values=stack("values", True),
                 cls_keys={k: v[[offsets[i] for i in members]] for k, v in captured.get("cls_keys", {}).items()},
                 cls_values={k: v[[offsets[i] for i in members]] for k, v in captured.get("cls_values", {}).items()},
-                hidden={layer: torch.stack([per_image(x, i, False) for i in members]) for layer, x in hidden_all.items()},
+                hidden={
+                    layer: torch.stack([per_image(x, i, False) for i in members]) for layer, x in hidden_all.items()
+                },
                 tiles=lay.tiles,
             )
         out._vtokprune_encoded = EncodedImages(

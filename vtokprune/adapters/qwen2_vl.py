@@ -82,7 +82,12 @@ class Qwen2VLAdapter(Adapter):
         encoded = args.get("mm_encoder_outputs") or {}
         return any(
             x is not None
-            for x in (args.get("pixel_values"), args.get("pixel_values_videos"), encoded.get("image"), encoded.get("video"))
+            for x in (
+                args.get("pixel_values"),
+                args.get("pixel_values_videos"),
+                encoded.get("image"),
+                encoded.get("video"),
+            )
         )
 
     def encoder_hooks(self) -> dict[str, Callable[..., Any]]:
@@ -161,9 +166,7 @@ class Qwen2VLAdapter(Adapter):
                     grid = (h, w)
                 else:
                     tiles = [list(range(f * h * w, (f + 1) * h * w)) for f in range(t)]
-            signals[key] = VisionSignals(
-                features=torch.stack([features[i] for i in members]), grid=grid, tiles=tiles
-            )
+            signals[key] = VisionSignals(features=torch.stack([features[i] for i in members]), grid=grid, tiles=tiles)
         return EncodedImages(features=features, signals=signals, groups=groups, layout=order)
 
     def image_token_counts(self, args: dict[str, Any]) -> list[int]:
@@ -191,9 +194,12 @@ class Qwen2VLAdapter(Adapter):
         for name, grid_name in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
             if grids[grid_name] is None and encoded.get(name) is not None:
                 grids[grid_name] = getattr(encoded[name], "_vtokprune_grid", None)
-        if bool((ids == self.image_token_id()).any()) and grids["image_grid_thw"] is None or bool(
-            (ids == self.video_token_id()).any()
-        ) and grids["video_grid_thw"] is None:
+        if (
+            bool((ids == self.image_token_id()).any())
+            and grids["image_grid_thw"] is None
+            or bool((ids == self.video_token_id()).any())
+            and grids["video_grid_thw"] is None
+        ):
             raise ValueError("vtokprune: Qwen-VL inputs with images/videos need image_grid_thw / video_grid_thw")
         kwargs = {k: v for k, v in grids.items() if v is not None}
         positions, _ = self.inner.get_rope_index(
@@ -213,11 +219,17 @@ class Qwen2VLAdapter(Adapter):
         args["pixel_values"] = None
         args["pixel_values_videos"] = None
         args["mm_encoder_outputs"] = {
-            kind: BaseModelOutputWithPooling(pooler_output=tuple(fs)) for kind, fs in per_kind.items() if fs  # type: ignore[arg-type]
+            kind: BaseModelOutputWithPooling(pooler_output=tuple(fs))
+            for kind, fs in per_kind.items()
+            if fs  # type: ignore[arg-type]
         }
         # Next position after the prompt, per sample: what decoding continues from (as if nothing had been pruned).
         positions = args["position_ids"][-3:]
-        valid = args["attention_mask"].bool() if args.get("attention_mask") is not None else torch.ones_like(ids, dtype=torch.bool)
+        valid = (
+            args["attention_mask"].bool()
+            if args.get("attention_mask") is not None
+            else torch.ones_like(ids, dtype=torch.bool)
+        )
         top = positions.masked_fill(~valid[None], torch.iinfo(positions.dtype).min).amax(dim=(0, 2))
         next_position = top + 1
         self.inner.rope_deltas = (next_position - valid.sum(dim=1))[:, None]
