@@ -149,3 +149,22 @@ def test_cli_info(capsys):
     assert cli_main(["info"]) == 0
     out = capsys.readouterr().out
     assert "strategies:" in out and "fastv" in out and "llava" in out
+
+
+def test_fallback_only_when_asked_and_named():
+    from vtokprune.tiny import qwen_inputs, tiny_qwen2_vl
+
+    qwen = tiny_qwen2_vl(seed=0, version="2")
+    with pytest.raises(vtokprune.CapabilityError, match=r"no \[CLS\]"):
+        vtokprune.apply(qwen, vtokprune.CLSAttention(keep=4))
+    assert not vtokprune.is_pruned(qwen)
+    with pytest.warns(UserWarning, match=r"falling back to DivPrune\(keep=4"):
+        vtokprune.apply(qwen, vtokprune.CLSAttention(keep=4), fallback="divprune")
+    assert vtokprune.strategy_of(qwen).name == "divprune"
+    with torch.no_grad():
+        qwen(**qwen_inputs(qwen, [[5, 6]], [[(1, 8, 8)]]))
+    assert [len(k) for k in vtokprune.last_selection(qwen).kept] == [4]
+    vtokprune.remove(qwen)
+    with pytest.raises(vtokprune.CapabilityError):  # a fallback that cannot serve either is refused too
+        vtokprune.apply(qwen, "cls", keep=4, fallback="visionzip")
+    assert not vtokprune.is_pruned(qwen)

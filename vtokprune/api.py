@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -18,11 +19,15 @@ M = TypeVar("M", bound=nn.Module)
 _STATE_ATTR = "_vtokprune_state"
 
 
-def apply(model: M, strategy: Strategy | str, **strategy_kwargs: Any) -> M:
+def apply(model: M, strategy: Strategy | str, fallback: Strategy | str | None = None, **strategy_kwargs: Any) -> M:
     """Prune `model`'s visual tokens with `strategy`, in place; returns the model.
 
     `model(**inputs)` and `model.generate(**inputs)` work as before. `strategy` is a Strategy config or a registered
     name (`apply(model, "cls", keep=64)`). If anything fails, the model is left exactly as it was.
+
+    `fallback`: a strategy (or name, given the same budget) to use instead when the model cannot serve `strategy`
+    (e.g. `cls` on Qwen2-VL, whose vision tower has no [CLS]); a warning names the substitution. Without it, such a
+    model raises CapabilityError.
     """
     resolved = get_strategy(strategy, **strategy_kwargs)
     if getattr(model, _STATE_ATTR, None) is not None:
@@ -31,7 +36,17 @@ def apply(model: M, strategy: Strategy | str, **strategy_kwargs: Any) -> M:
             "call vtokprune.remove(model) first"
         )
     adapter = get_adapter(model)
-    adapter.check(resolved)
+    try:
+        adapter.check(resolved)
+    except CapabilityError as e:
+        if fallback is None:
+            raise
+        substitute = (
+            get_strategy(fallback, keep=resolved.keep, ratio=resolved.ratio) if isinstance(fallback, str) else fallback
+        )
+        adapter.check(substitute)
+        warnings.warn(f"vtokprune: {e}; falling back to {substitute!r} as asked", stacklevel=2)
+        resolved = substitute
     if isinstance(resolved, LLMStrategy):
         impl = getattr(adapter.text_config(), "_attn_implementation", None)
         if impl not in (None, "sdpa", "eager"):
