@@ -128,7 +128,7 @@ def test_checkpoint_loads_and_answers_end_to_end(toy):
     assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many objects are there ?"}]}]
     assert processor.apply_chat_template(msgs, add_generation_prompt=True) == prompt("how many objects are there ?")
-    samples = heldout(8)
+    samples = heldout(36)  # four questions of each type
     inputs = processor(images=[render(s.scene) for s in samples], text=[prompt(s.qa.question) for s in samples],
                        return_tensors="pt", padding=True)
     assert int((inputs["input_ids"][0] == model.config.image_token_id).sum()) == 576
@@ -137,7 +137,10 @@ def test_checkpoint_loads_and_answers_end_to_end(toy):
              for row in out]
     assert all(w in ANSWERS for w in words)
     correct = sum(w == s.qa.answer for w, s in zip(words, samples))
-    assert correct >= 4, (words, [s.qa.answer for s in samples])
+    # a weak model (see the model card): it reads the question (answers of the right kind, many different ones) and
+    # gets some right; the floor is well below what it scores (10 of these 36) so dtype noise cannot flip it
+    assert len(set(words)) >= 6, words
+    assert correct >= 7, (words, [s.qa.answer for s in samples])
 
 
 def test_checkpoint_prunes_with_cls_attention(toy):
@@ -153,3 +156,16 @@ def test_checkpoint_prunes_with_cls_attention(toy):
     assert all(w in ANSWERS for w in pruned) and len(pruned) == len(full)
     assert not vtokprune.is_pruned(model)
     assert answer(model, processor, images, questions) == full  # removing the pruning restores the model
+
+
+def test_train_main_smoke(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vtokprune.toyworld.cli import train_main
+
+    out = tmp_path / "ckpt"
+    assert train_main(["--out", str(out), "--max-steps", "2", "--batch", "1", "--turns", "2", "--eval-every", "0",
+                       "--eval-samples", "2", "--warmup", "1"]) == 0
+    model = LlavaForConditionalGeneration.from_pretrained(str(out), local_files_only=True)
+    assert model.dtype == torch.float16 and (out / "training.json").exists()
+    assert type(AutoProcessor.from_pretrained(str(out), local_files_only=True)).__name__ == "LlavaProcessor"

@@ -67,6 +67,19 @@ def bench_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def answer_prior(samples: int) -> float:
+    """Accuracy of answering each held-out question with its type's most frequent answer (image ignored)."""
+    from collections import Counter
+
+    from .scenes import heldout
+
+    data = heldout(samples)
+    by_kind: dict[str, Counter[str]] = {}
+    for s in data:
+        by_kind.setdefault(s.qa.kind, Counter())[s.qa.answer] += 1
+    return sum(c.most_common(1)[0][1] for c in by_kind.values()) / len(data)
+
+
 def write_model_card(path: Path, report: dict[str, Any]) -> None:
     from .bench import per_type_table, table
     from .scenes import ANSWERS, COLORS, QUESTION_TYPES, SHAPES
@@ -140,6 +153,18 @@ def write_model_card(path: Path, report: dict[str, Any]) -> None:
         per_type_table(report, min(report["budgets"])),
         "",
         "Reproduce: `vtokprune bench-toy` (or `python benchmarks/toy_accuracy.py`).",
+    ]
+    full = next((r["accuracy"] for r in report["results"] if r["strategy"] == "none"), None)
+    prior = answer_prior(report["samples"])
+    lines += [
+        "",
+        "## Limitations",
+        f"- Answering every question with the most frequent answer of its question type scores {100 * prior:.1f}% "
+        "on the same split (no image needed)"
+        + (f"; the unpruned model is {100 * (full - prior):+.1f} points above that." if full is not None else "."),
+        f"- With {report['samples']} questions one accuracy has a standard error of about "
+        f"{100 * (0.25 / report['samples']) ** 0.5:.1f} points: differences between strategies smaller than ~5 points "
+        "are noise. More training (more steps, a GPU) is what makes this model rank pruning strategies.",
     ]
     if report.get("skipped"):
         lines += ["", "Skipped (CapabilityError): " + ", ".join(report["skipped"]) + "."]
