@@ -84,8 +84,10 @@ def test_answer_question_examples():
     o = scene.objects[0]
     assert answer_question(scene, f"is there a {o.color} {o.shape} ?") == "yes"
     assert answer_question(scene, f"is the {o.color} {o.shape} small or large ?") == o.size
-    assert answer_question(scene, "how many objects are there ?") == ["zero", "one", "two", "three", "four", "five",
-                                                                     "six"][len(scene.objects)]
+    assert (
+        answer_question(scene, "how many objects are there ?")
+        == ["zero", "one", "two", "three", "four", "five", "six"][len(scene.objects)]
+    )
     with pytest.raises(ValueError):
         answer_question(scene, "what is this ?")
 
@@ -129,12 +131,17 @@ def test_checkpoint_loads_and_answers_end_to_end(toy):
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many objects are there ?"}]}]
     assert processor.apply_chat_template(msgs, add_generation_prompt=True) == prompt("how many objects are there ?")
     samples = heldout(36)  # four questions of each type
-    inputs = processor(images=[render(s.scene) for s in samples], text=[prompt(s.qa.question) for s in samples],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        images=[render(s.scene) for s in samples],
+        text=[prompt(s.qa.question) for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
     assert int((inputs["input_ids"][0] == model.config.image_token_id).sum()) == 576
     out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    words = [processor.tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-             for row in out]
+    words = [
+        processor.tokenizer.decode(row[inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip() for row in out
+    ]
     assert all(w in ANSWERS for w in words)
     correct = sum(w == s.qa.answer for w, s in zip(words, samples))
     # a weak model (see the model card): it reads the question (answers of the right kind, many different ones) and
@@ -164,8 +171,27 @@ def test_train_main_smoke(tmp_path):
     from vtokprune.toyworld.cli import train_main
 
     out = tmp_path / "ckpt"
-    assert train_main(["--out", str(out), "--max-steps", "2", "--batch", "1", "--turns", "2", "--eval-every", "0",
-                       "--eval-samples", "2", "--warmup", "1"]) == 0
+    assert (
+        train_main(
+            [
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch",
+                "1",
+                "--turns",
+                "2",
+                "--eval-every",
+                "0",
+                "--eval-samples",
+                "2",
+                "--warmup",
+                "1",
+            ]
+        )
+        == 0
+    )
     model = LlavaForConditionalGeneration.from_pretrained(str(out), local_files_only=True)
     assert model.dtype == torch.float16 and (out / "training.json").exists()
     assert type(AutoProcessor.from_pretrained(str(out), local_files_only=True)).__name__ == "LlavaProcessor"

@@ -219,9 +219,9 @@ class Qwen2VLAdapter(Adapter):
         args["pixel_values"] = None
         args["pixel_values_videos"] = None
         args["mm_encoder_outputs"] = {
-            kind: BaseModelOutputWithPooling(pooler_output=tuple(fs))
+            kind: BaseModelOutputWithPooling(pooler_output=tuple(fs))  # type: ignore[arg-type]
             for kind, fs in per_kind.items()
-            if fs  # type: ignore[arg-type]
+            if fs
         }
         # Next position after the prompt, per sample: what decoding continues from (as if nothing had been pruned).
         positions = args["position_ids"][-3:]

@@ -151,5 +151,5 @@ def answer(model: Any, processor: Any, images: list[Any], questions: list[str]) 
     inputs = processor(images=images, text=[prompt(q) for q in questions], return_tensors="pt", padding=True)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1]:]
+    new = out[:, inputs["input_ids"].shape[1] :]
     return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

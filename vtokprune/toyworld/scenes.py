@@ -39,8 +39,30 @@ HELDOUT_BASE = 1_000_000_000  # training seeds are below this, held-out seeds at
 
 ANSWERS: tuple[str, ...] = ("yes", "no", *COLORS, *SHAPES, *SIZES, *NUMBERS)
 QUESTION_WORDS: tuple[str, ...] = (
-    "is", "there", "a", "what", "color", "shape", "the", "object", "small", "or", "large", "how", "many", "objects",
-    "are", "left", "of", "above", "smallest", "circles", "squares", "triangles", "crosses", "?",
+    "is",
+    "there",
+    "a",
+    "what",
+    "color",
+    "shape",
+    "the",
+    "object",
+    "small",
+    "or",
+    "large",
+    "how",
+    "many",
+    "objects",
+    "are",
+    "left",
+    "of",
+    "above",
+    "smallest",
+    "circles",
+    "squares",
+    "triangles",
+    "crosses",
+    "?",
 )
 
 
@@ -120,8 +142,18 @@ def _shape_polygon(o: Obj) -> list[tuple[float, float]] | None:
     if o.shape == "cross":
         t = r * 0.36
         return [
-            (x - t, y - r), (x + t, y - r), (x + t, y - t), (x + r, y - t), (x + r, y + t), (x + t, y + t),
-            (x + t, y + r), (x - t, y + r), (x - t, y + t), (x - r, y + t), (x - r, y - t), (x - t, y - t),
+            (x - t, y - r),
+            (x + t, y - r),
+            (x + t, y - t),
+            (x + r, y - t),
+            (x + r, y + t),
+            (x + t, y + t),
+            (x + t, y + r),
+            (x - t, y + r),
+            (x - t, y + t),
+            (x - r, y + t),
+            (x - r, y - t),
+            (x - t, y - t),
         ]
     return None
 
@@ -224,8 +256,12 @@ def _make(kind: str, scene: Scene, rng: np.random.Generator) -> QA | None:
         else:
             present = {(o.color, o.shape) for o in objs}
             # absent pairs that share a colour or a shape with a present object are the informative ones
-            near = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present
-                    and any(c == pc or s == ps for pc, ps in present)]
+            near = [
+                (c, s)
+                for c in COLORS
+                for s in SHAPES
+                if (c, s) not in present and any(c == pc or s == ps for pc, ps in present)
+            ]
             if not near:
                 return None
             c, s = near[int(rng.integers(len(near)))]
@@ -250,8 +286,12 @@ def _make(kind: str, scene: Scene, rng: np.random.Generator) -> QA | None:
         if len(objs) < 2:
             return None
         axis = 0 if kind == "left" else 1
-        pairs = [(a, b) for a in objs for b in objs if a is not b
-                 and abs((a.cx, a.cy)[axis] - (b.cx, b.cy)[axis]) > (a.diameter + b.diameter) / 4 + 8]
+        pairs = [
+            (a, b)
+            for a in objs
+            for b in objs
+            if a is not b and abs((a.cx, a.cy)[axis] - (b.cx, b.cy)[axis]) > (a.diameter + b.diameter) / 4 + 8
+        ]
         if not pairs:
             return None
         a, b = pairs[int(rng.integers(len(pairs)))]

@@ -239,8 +239,10 @@ def quick_accuracy(model: Any, processor: Any, samples: list[Sample], batch: int
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
         inputs = processor(
-            images=[render(s.scene) for s in chunk], text=[prompt(s.qa.question) for s in chunk],
-            return_tensors="pt", padding=True,
+            images=[render(s.scene) for s in chunk],
+            text=[prompt(s.qa.question) for s in chunk],
+            return_tensors="pt",
+            padding=True,
         )
         logits = model(**inputs).logits[:, -1]
         pred = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
@@ -262,7 +264,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
     )
     val = heldout(cfg.eval_samples, base=VAL_BASE)
     words = word_targets(processor.tokenizer) if cfg.word_weight else None
@@ -316,8 +319,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     log(f"done: {step} steps, {step * cfg.batch} scenes, {seconds:.0f}s, val_acc={acc:.3f}")
     history.append({"step": step, "seconds": seconds, "val_acc": acc, **run})
     summary = {
-        "steps": step, "scenes": step * cfg.batch, "questions": step * cfg.batch * cfg.turns,
-        "seconds": round(seconds, 1), "val_acc": acc, "config": asdict(cfg), "history": history,
+        "steps": step,
+        "scenes": step * cfg.batch,
+        "questions": step * cfg.batch * cfg.turns,
+        "seconds": round(seconds, 1),
+        "val_acc": acc,
+        "config": asdict(cfg),
+        "history": history,
     }
     save(model, processor, cfg.out, summary)
     return summary
