@@ -57,12 +57,15 @@ def _run(args: argparse.Namespace) -> int:
     from .embedded import example_inputs
     from .registry import get_strategy
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model, processor, description = load_model(args.model)
-    inputs, question = example_inputs(model, processor, args.image, args.question)
+    inputs, question, expected = example_inputs(model, processor, args.image, args.question)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     print(f"model: {description}")
     if question:
-        print(f"question: {question}")
+        print(f"question: {question}" + (f"  (scene's answer: {expected})" if expected else ""))
     rows = []
     with torch.inference_mode():
         start = time.perf_counter()

@@ -27,12 +27,15 @@ def load_default() -> tuple[Any, Any, str]:
     return tiny_llava(seed=0), None, "embedded tiny random LLaVA (untrained; answers are token ids)"
 
 
-def example_inputs(model: Any, processor: Any, image: str | None, question: str | None) -> tuple[dict, str | None]:
-    """Inputs for `vtokprune run`: an image file or a generated scene, and a question."""
+def example_inputs(
+    model: Any, processor: Any, image: str | None, question: str | None
+) -> tuple[dict, str | None, str | None]:
+    """Inputs for `vtokprune run`: an image file or a generated scene, the question, and the known answer (if any)."""
+    expected = None
     if processor is None:
         from .tiny import llava_inputs
 
-        return llava_inputs(model, [[5, 6, 7, 8]]), None
+        return llava_inputs(model, [[5, 6, 7, 8]]), None, None
     from PIL import Image
 
     if image is not None:
@@ -40,11 +43,12 @@ def example_inputs(model: Any, processor: Any, image: str | None, question: str 
             picture = img.convert("RGB")
         question = question or "What is in the image?"
     else:
-        picture, default_question = example_scene()
+        picture, default_question, answer = example_scene()
+        expected = answer if question is None else None
         question = question or default_question
     prompt = build_prompt(processor, question)
     inputs = processor(images=picture, text=prompt, return_tensors="pt")
-    return dict(inputs), question
+    return dict(inputs), question, expected
 
 
 def build_prompt(processor: Any, question: str) -> str:
@@ -55,9 +59,9 @@ def build_prompt(processor: Any, question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
-def example_scene(index: int = 0) -> tuple[Any, str]:
-    """(image, question) of the toy world's held-out split: what `vtokprune run` asks by default."""
+def example_scene(index: int = 0) -> tuple[Any, str, str]:
+    """(image, question, answer) from the toy world's held-out split: what `vtokprune run` asks by default."""
     from .toyworld import heldout, render
 
     sample = heldout(index + 1)[index]
-    return render(sample.scene), sample.qa.question
+    return render(sample.scene), sample.qa.question, sample.qa.answer
