@@ -52,12 +52,11 @@ def load_model(name: str | None) -> tuple[Any, Any, str]:
 
 def _run(args: argparse.Namespace) -> int:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from . import api
     from .embedded import example_inputs
     from .registry import get_strategy
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     model, processor, description = load_model(args.model)
