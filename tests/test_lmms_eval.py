@@ -3,6 +3,7 @@ offline, end to end. Skipped when lmms-eval is not installed (CI installs it: pi
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -74,7 +75,9 @@ def test_generate_until_end_to_end(lm, task_manager):
     samples = results["samples"]["vtokprune_toy"]
     assert len(samples) == 6 and all(isinstance(s["filtered_resps"][0], str) for s in samples)
     stats = lm.engine.stats.summary()
-    assert stats["samples"] == 6 and stats["kept_tokens"] == 4 and stats["available_tokens"] == 16
+    available = stats["available_tokens"]  # per image: 576 for the shipped toy model, 16 for the tiny fallback
+    assert available in (16, 576)
+    assert stats["samples"] == 6 and stats["kept_tokens"] == math.ceil(0.25 * available)
     assert lm.engine.stats.batches == 3  # batch 2
 
 
