@@ -285,6 +285,36 @@ def test_text_clip_scores_match_manual(clip_dirs, model):
     assert kept.tolist() == torch.sort(torch.topk(scores[0], 5).indices).values.tolist()
 
 
+def test_text_clip_open_clip_backend(clip_dirs, model, tmp_path):
+    """The open_clip path on a tiny open_clip ViT registered from a config (random weights, nothing downloaded)."""
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 112, "layers": 2, "width": 32, "patch_size": 14, "head_width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1},
+    }
+    (tmp_path / "vtokprune-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path)
+    strategy = get_strategy(
+        "text_clip", keep=5, clip="vtokprune-tiny-clip", tokenizer=str(clip_dirs / "vlm_tok"), backend="open_clip"
+    )
+    inp = inputs_for(model, [[5, 6, 7, 8]])
+    with torch.no_grad(), vtokprune.pruned(model, strategy):
+        model(**inp)
+        kept = vtokprune.last_selection(model).kept[0]
+    from vtokprune.strategies.text_clip import load_scorer
+
+    clip = load_scorer("open_clip", "vtokprune-tiny-clip", None, str(clip_dirs / "vlm_tok")).model
+    with torch.no_grad():
+        hidden = model.model.vision_tower(inp["pixel_values"], output_hidden_states=True).hidden_states[2][:, 1:]
+        patches = clip.visual.ln_post(hidden) @ clip.visual.proj
+        text = clip.encode_text(open_clip.get_tokenizer("vtokprune-tiny-clip")(["w5 w6 w7 w8"]))
+        scores = text_patch_scores(text, patches)
+    assert kept.tolist() == torch.sort(torch.topk(scores[0], 5).indices).values.tolist()
+
+
 def test_text_clip_errors(clip_dirs, model):
     with pytest.raises(CapabilityError, match="clip="):
         vtokprune.apply(model, "text_clip", keep=4)
