@@ -26,34 +26,11 @@ def tiny_llava(
     **text_overrides: Any,
 ) -> Any:
     """LlavaForConditionalGeneration with a CLIP tower ((image_size/patch_size)^2 tokens) and a small Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=32,
-    )
-    text_kwargs: dict[str, Any] = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    text_kwargs.update(text_overrides)
-    text = LlamaConfig(**text_kwargs)
     config = LlavaConfig(  # type: ignore[call-arg]
-        vision_config=vision,
-        text_config=text,
+        vision_config=_clip_vision(vision_layers, image_size, patch_size),
+        text_config=LlamaConfig(**_text_kwargs(text_layers, **text_overrides)),
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -61,11 +38,22 @@ def tiny_llava(
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model: Any = LlavaForConditionalGeneration(config)
-    model = model.to(dtype).eval()
-    model.generation_config.pad_token_id = PAD_TOKEN_ID
-    model.generation_config.eos_token_id = None  # random weights: never stop early, so lengths are comparable
-    return model
+    model_cls: Any = LlavaForConditionalGeneration
+    return _finish(model_cls(config), attn_implementation, dtype)
+
+
+def _clip_vision(layers: int, image_size: int, patch_size: int) -> Any:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
 
 
 def image_tokens(model: Any) -> int:
@@ -133,7 +121,7 @@ def _text_kwargs(text_layers: int, **overrides: Any) -> dict[str, Any]:
 def _finish(model: Any, attn_implementation: str, dtype: torch.dtype) -> Any:
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = PAD_TOKEN_ID
-    model.generation_config.eos_token_id = None
+    model.generation_config.eos_token_id = None  # random weights: never stop early, so lengths are comparable
     return model
 
 
@@ -147,17 +135,9 @@ def tiny_llava_next(
     dtype: torch.dtype = torch.float32,
 ) -> Any:
     """LlavaNextForConditionalGeneration (anyres): crops of image_size px, (image_size/patch_size)^2 tokens each."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=32,
-    )
+    vision = _clip_vision(vision_layers, image_size, patch_size)
     s = image_size
     make: Any = LlavaNextConfig
     config = make(
