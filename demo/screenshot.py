@@ -13,17 +13,6 @@ import socket
 import sys
 import tempfile
 
-CHROMIUM = os.environ.get("VTOKPRUNE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -42,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
     from vtokprune.cli import load_model
-    from vtokprune.demo import Comparer, example_images, launch
+    from vtokprune.demo import CHROMIUM, CHROMIUM_ARGS, Comparer, example_images, launch
 
     model, processor, description = load_model(args.model)
     comparer = Comparer(model, processor, description, max_new_tokens=args.max_new_tokens)

@@ -12,6 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from vtokprune.demo import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
     MAX_PIXELS,
     UNPRUNED,
     Comparer,
@@ -28,18 +30,6 @@ from vtokprune.demo import (
     tiny_pixels,
 )
 from vtokprune.tiny import tiny_llava
-
-CHROMIUM = os.environ.get("VTOKPRUNE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 
 # ------------------------------------------------------------------------------------------------ highlighting
 

@@ -45,6 +45,17 @@ DEFAULT_STRATEGIES = ("cls", "fastv", "divprune", "random", "pool")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 UNPRUNED = "none (unpruned)"
+# Headless Chromium for the screenshot script and the browser test: Debian's build, no network side traffic.
+CHROMIUM = os.environ.get("VTOKPRUNE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 class DemoInputError(VTokPruneError, ValueError):
