@@ -135,10 +135,6 @@ def active_run(run: ForwardRun | None) -> Iterator[None]:
         _RUN.reset(token)
 
 
-def current_run() -> ForwardRun | None:
-    return _RUN.get()
-
-
 # ---------------------------------------------------------------- probe: attention rows at the layer before a stage
 
 

@@ -27,7 +27,6 @@ from ..compaction import Compaction
 from ..errors import CapabilityError, PruningStateError
 from ..probe import attention_rows, install_probe, probing, uninstall_probe
 from ..runtime import CacheRecord, ForwardRun, PrunerState, Selection, active_run, decoder_pre_hook, make_stage_probe
-from ..selection import topk_indices
 from ..strategies.base import LLMStrategy, Strategy, VisionSelection, VisionSignals, VisionStrategy
 
 
@@ -537,4 +536,4 @@ def run_with_vision_probes(
     return out, signals
 
 
-__all__ = ["Adapter", "EncodedImages", "run_with_vision_probes", "topk_indices"]
+__all__ = ["Adapter", "EncodedImages", "group_features", "run_with_vision_probes"]
