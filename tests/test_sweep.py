@@ -45,7 +45,8 @@ def test_engine_batches_match_single_requests(engine):
             engine.loglikelihood([t], [c], [im])[0] for t, c, im in zip(texts, [" yes", " red", " two"], images)
         ]
         for (a, ga), (b, gb) in zip(ll_batched, ll_single):
-            assert a == pytest.approx(b, abs=1e-4) and ga == gb and a < 0
+            # float32 sums over padded vs unpadded rows: equal up to rounding (relative to the magnitude)
+            assert a == pytest.approx(b, rel=5e-5, abs=1e-4) and ga == gb and a < 0
     engine.set_strategy(None)
     assert not vtokprune.is_pruned(engine.model)
 
