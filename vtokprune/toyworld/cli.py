@@ -104,10 +104,11 @@ def write_model_card(path: Path, report: dict[str, Any]) -> None:
         "",
         "```python",
         "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "",
         "model = LlavaForConditionalGeneration.from_pretrained(path)",
         "processor = AutoProcessor.from_pretrained(path)  # LlavaProcessor + CLIPImageProcessorPil (no torchvision)",
-        "inputs = processor(images=image, text='USER: <image>\\nhow many objects are there ? ASSISTANT:', "
-        "return_tensors='pt')",
+        'inputs = processor(images=image, text="USER: <image>\\nhow many objects are there ? ASSISTANT:", '
+        'return_tensors="pt")',
         "model.generate(**inputs, max_new_tokens=1)",
         "```",
         "",
@@ -127,7 +128,8 @@ def write_model_card(path: Path, report: dict[str, Any]) -> None:
         f"- Weights: fp16 safetensors, {size_kb:.0f} KiB.",
         "",
         "## Training",
-        "- From scratch, fp32 on CPU with one thread, AdamW, warmup + cosine schedule, scenes generated on the fly.",
+        f"- From scratch, fp32 on CPU with {cfg.get('threads', 1)} thread(s), AdamW, warmup + cosine schedule, "
+        "scenes generated on the fly.",
         "- Loss: answer cross-entropy (10 questions per image as a multi-turn conversation) + per-patch "
         "classification head on the vision features (which colour-shape pair covers each patch) + multi-label head "
         "on [CLS] (which pairs are present, which of them small) + projected patch tokens scored against the input "
