@@ -144,6 +144,9 @@ def make_stage_probe(stage_layer: int):  # type: ignore[no-untyped-def]
         if run is None or run.record is not None or stage_layer not in run.budgets:
             return
         ctx = run.context(None, stage_layer - 1)
+        if not run.strategy.needs_attention:
+            run.pending[stage_layer] = run.strategy.key_scores(key, ctx)
+            return
         rows, row_valid = run.strategy.query_rows(ctx)
         probs = attention_rows(query, key, attention_mask, rows, kwargs.get("scaling"), causal=True)
         run.pending[stage_layer] = run.strategy.score(probs, row_valid, ctx)
@@ -191,6 +194,7 @@ def _prune_stage(run: ForwardRun, layer: int, hidden: torch.Tensor) -> torch.Ten
     assert run.image_ids is not None
     image_ids = run.image_ids if run.current is None else run.current.gather(run.image_ids, fill=-1)
     image_ids = image_ids.masked_fill(~candidates, -1)
+    scores = run.strategy.stage_scores(scores, hidden, ctx, image_ids, run.budgets[layer])
     # Rank candidates by score (stable: ties go to the earlier token), then keep each image's budget of its own.
     order = torch.sort(scores.float().masked_fill(~candidates, -torch.inf), dim=1, descending=True, stable=True).indices
     image_sorted = torch.gather(image_ids, 1, order)

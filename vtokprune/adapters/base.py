@@ -340,6 +340,7 @@ class Adapter:
         samples = self._sample_of(image_mask, self.placeholder_counts(encoded))
         for count, members in encoded.groups.items():
             encoded.signals[count].prompt_ids = [ids[samples[i]][valid[samples[i]]] for i in members]
+            encoded.signals[count].embed_tokens = self.model.get_input_embeddings()
 
     def _select(
         self, strategy: VisionStrategy, encoded: EncodedImages

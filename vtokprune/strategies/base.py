@@ -14,7 +14,7 @@ Two kinds exist, told apart by `acts`:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -53,6 +53,7 @@ class VisionSignals:
     cls_keys / cls_values: vision layer -> [N, H, d] the [CLS] token's own key / value.
     hidden:     vision layer -> [N, T, Dv] hidden states (input of that layer) of the patch tokens.
     prompt_ids: per image, the token ids of the prompt it belongs to (for text-guided strategies).
+    embed_tokens / projector / projector_input: see the fields (optional; None where the adapter gives none).
     """
 
     features: torch.Tensor
@@ -65,6 +66,11 @@ class VisionSignals:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     prompt_ids: list[torch.Tensor] | None = None
     tiles: list[list[int]] | None = None
+    # The language model's input-embedding module (ids -> [.., D]), for strategies that read the prompt in LM space.
+    embed_tokens: Any = None
+    # The projector (vision hidden -> LM features) and its input per kept-able token [N, T, Dv], where exposed.
+    projector: Any = None
+    projector_input: torch.Tensor | None = None
 
 
 @dataclass
@@ -111,6 +117,9 @@ class LLMContext:
 @dataclass(frozen=True)
 class LLMStrategy(Strategy):
     acts: ClassVar[str] = "llm"
+    # False for strategies that never read attention weights (they score from keys / hidden states), so they also
+    # run where no attention rows can be computed for them (e.g. flash_attention_2).
+    needs_attention: ClassVar[bool] = True
 
     def schedule(self, num_layers: int, available: int) -> dict[int, int]:
         """Decoder layer -> visual tokens per image that survive from that layer on (before it runs)."""
@@ -123,6 +132,17 @@ class LLMStrategy(Strategy):
     def score(self, probs: torch.Tensor, row_valid: torch.Tensor, ctx: LLMContext) -> torch.Tensor:
         """probs: [B, H, R, L] softmax attention rows. Returns [B, L]; only visual positions are ranked."""
         raise NotImplementedError  # pragma: no cover
+
+    def key_scores(self, key: torch.Tensor, ctx: LLMContext) -> torch.Tensor:
+        """For `needs_attention = False`: [B, Hkv, L, d] keys of the layer before a stage -> [B, L] scores."""
+        raise NotImplementedError  # pragma: no cover
+
+    def stage_scores(
+        self, scores: torch.Tensor, hidden: torch.Tensor, ctx: LLMContext, image_ids: torch.Tensor, budget: torch.Tensor
+    ) -> torch.Tensor:
+        """Final [B, L] scores at the stage, given its input hidden states [B, L, D], image_ids [B, L] (index of the
+        image within its sample, -1 elsewhere) and budget [B, M] (tokens each image keeps). Default: `scores`."""
+        return scores
 
     def merge(
         self, hidden: torch.Tensor, keep_idx: torch.Tensor, ctx: LLMContext, scores: torch.Tensor
