@@ -20,9 +20,11 @@ def remove_duplicates(metric: torch.Tensor, residual: torch.Tensor, keep: int, s
 
     Each round, with the residual tokens in their current order split alternately into A (even slots) and B (odd),
     every a in A gets m_a = max_b cos(a, b); the min(step, R - keep) tokens of A with the largest m_a (stable: ties
-    go to the earlier slot) are dropped, and the order becomes [A kept in descending-m order... ascending m order
-    as sorted, then B]. Repeats until `keep` remain. Returns the remaining indices (in that final order).
+    go to the earlier slot) are dropped, and the order becomes [survivors of A by descending m_a, then B]. Repeats
+    until `keep` remain. Returns the remaining indices (in that final order).
     """
+    if keep <= 0:
+        return residual[:0]  # the official loop would end on an empty B; nothing diverse is asked for
     while True:
         r = min(step, residual.shape[0] - keep)
         if r <= 0:
