@@ -63,11 +63,61 @@ def test_visionzip_merges_the_right_tokens():
     key[[0, 1], :] = 1.0
     keys = key.expand(1, 2, t, 2).clone()
     sig = VisionSignals(features=feats, cls_attn={1: attn}, keys={1: keys})
-    sel = get_strategy("visionzip", keep=4, contextual_ratio=0.5).select(sig, 4)
+    sel = get_strategy("visionzip", keep=4, contextual_ratio=0.5, merge="mean").select(sig, 4)
     assert sel.indices.tolist() == [[0, 1, 2, 5]]
     f = feats[0]
     expected = torch.stack([f[0], f[1], f[[2, 3, 4]].mean(0), f[[5, 6, 7]].mean(0)])
     assert torch.allclose(sel.features[0], expected, atol=1e-6)
+
+
+def official_visionzip(hidden, cls_attn, metric, dominant, contextual):
+    """dvlab-research/VisionZip `clip_encoder.py` for one image, re-created: hidden [T+1, C] with [CLS] first,
+    cls_attn [H, T+1] the [CLS] row, metric [T+1, d] keys -> the [dominant + contextual, C] kept tokens."""
+    top = cls_attn[:, 1:].sum(dim=0).topk(dominant - 1).indices + 1
+    keep = torch.zeros(hidden.shape[0], dtype=torch.bool)
+    keep[0] = True
+    keep[top] = True
+    dominant_tokens = hidden[keep]
+    rest_h, rest_m = hidden[~keep], metric[~keep]
+    rest_m = rest_m / rest_m.norm(dim=-1, keepdim=True)
+    step = max(1, rest_m.shape[0] // contextual)
+    target = torch.arange(0, rest_m.shape[0], step)[:contextual]
+    is_target = torch.zeros(rest_m.shape[0], dtype=torch.bool)
+    is_target[target] = True
+    sim = rest_m[~is_target] @ rest_m[target].T
+    one_hot = torch.zeros(sim.shape).scatter_(1, sim.argmax(dim=1, keepdim=True), 1.0)
+    counts = one_hot.sum(dim=0).clamp(min=1)[:, None]
+    contextual_tokens = rest_h[target] + one_hot.T @ rest_h[~is_target] / counts
+    return torch.cat([dominant_tokens, contextual_tokens])
+
+
+def test_visionzip_matches_official_code_with_cls_and_target_plus_mean():
+    gen = torch.Generator().manual_seed(0)
+    t, c, h = 20, 6, 2
+    hidden = torch.randn(t + 1, c, generator=gen)
+    attn = torch.rand(h, t + 1, generator=gen)
+    keys = torch.randn(h, t + 1, 3, generator=gen)
+    k, dominant, contextual = 7, 5, 2
+    want = official_visionzip(hidden, attn, keys.mean(0), dominant, contextual)
+    sig = VisionSignals(
+        features=hidden[None, 1:] * 2,  # what the projector gives: here x -> 2x
+        cls_attn={1: attn[None, :, 1:]},
+        keys={1: keys[None, :, 1:]},
+        projector=lambda x: 2 * x,
+        projector_input=hidden[None, 1:],
+        cls_feature=2 * hidden[None, 0],
+    )
+    sel = get_strategy("visionzip", keep=k, contextual_ratio=contextual / k).select(sig, k)
+    got = sel.features[0] / 2
+    assert got.shape == want.shape
+    dist = torch.cdist(want, got)  # every official token is one of ours, one to one
+    assert bool((dist.min(dim=1).values < 1e-5).all()) and len(set(dist.argmin(dim=1).tolist())) == k
+    assert len(set(sel.indices[0].tolist())) == k
+    # without the [CLS] signal (other families) every dominant token is a patch, merged in feature space
+    plain = VisionSignals(features=sig.features, cls_attn=sig.cls_attn, keys=sig.keys)
+    sel2 = get_strategy("visionzip", keep=k, contextual_ratio=contextual / k).select(plain, k)
+    top = attn[:, 1:].sum(0).topk(dominant).indices
+    assert set(top.tolist()) <= set(sel2.indices[0].tolist())
 
 
 def test_visionzip_batch_is_each_image_alone():

@@ -79,7 +79,10 @@ class LlavaAdapter(Adapter):
         cls_offset = 0 if self._keeps_cls(args) else 1
         args = dict(args)
         args["return_dict"] = True
-        if strategy.needs & {"hidden", "projector"}:  # inside an outer forward, hidden states are off
+        exact = "projector" in self.supported_signals()
+        wants_cls = exact and cls_offset == 1 and "cls_feature" in strategy.wants
+        wants_projector = exact and "projector" in strategy.needs | strategy.wants
+        if "hidden" in strategy.needs or wants_cls or wants_projector:  # inside an outer forward, hidden states are off
             args["output_hidden_states"] = True
         out, captured = run_with_vision_probes(self, strategy, cls_offset, lambda: original(**args))
         features = list(out.pooler_output)
@@ -89,7 +92,7 @@ class LlavaAdapter(Adapter):
                 hidden[layer] = out.hidden_states[layer][:, cls_offset:]
         t = features[0].shape[0]
         projector_input = None
-        if "projector" in strategy.needs:
+        if wants_projector:
             projector_input = out.hidden_states[self._feature_hidden_index()][:, cls_offset:]
         side = math.isqrt(t)
         signals = VisionSignals(
@@ -104,6 +107,9 @@ class LlavaAdapter(Adapter):
             projector=self.inner.multi_modal_projector if projector_input is not None else None,
             projector_input=projector_input,
         )
+        if wants_cls:
+            cls_hidden = out.hidden_states[self._feature_hidden_index()][:, 0]
+            signals.cls_feature = self.inner.multi_modal_projector(cls_hidden)
         out._vtokprune_encoded = EncodedImages(
             features=features, signals={t: signals}, groups={t: list(range(len(features)))}
         )

@@ -71,6 +71,8 @@ class VisionSignals:
     # The projector (vision hidden -> LM features) and its input per kept-able token [N, T, Dv], where exposed.
     projector: Any = None
     projector_input: torch.Tensor | None = None
+    # [N, D] the [CLS] token's feature-layer hidden state through the projector (LLaVA-1.5 only), when wanted.
+    cls_feature: torch.Tensor | None = None
 
 
 @dataclass
@@ -86,6 +88,8 @@ class VisionStrategy(Strategy):
     acts: ClassVar[str] = "vision"
     # Which signals the strategy reads, beyond `features`: subset of {"cls_attn", "keys", "values", "hidden"}.
     needs: ClassVar[frozenset[str]] = frozenset()
+    # Signals used when the adapter can give them, without refusing models that cannot: subset of {"cls_feature"}.
+    wants: ClassVar[frozenset[str]] = frozenset()
 
     def vision_layers(self, num_layers: int, feature_layer: int) -> tuple[int, ...]:
         """Vision-tower layers whose signals are needed (0-based). Default: the layer that makes the features."""
