@@ -338,3 +338,51 @@ def test_generate_matches_manual_loop(model, name: str, kwargs: dict, batch: int
         gen = model.generate(**inp, max_new_tokens=4, do_sample=False)
         manual = _manual_greedy(model, inp, 4)
     assert torch.equal(gen[:, -4:], manual)
+
+
+# ------------------------------------------------------------------------------------------------ PyramidDrop, official
+
+
+def test_pyramid_counts_floor_like_the_official_int() -> None:
+    assert pyramid_counts(15, 2, 0.5) == [7, 3]  # int(7.5), int(3.75)
+    assert pyramid_counts(15, 2, 0.5, "half_up") == [8, 4]
+    assert PyramidDrop(layers=(2, 4), reference_layers=None).schedule(8, 15) == {2: 7, 4: 3}
+    with pytest.raises(BudgetError):
+        PyramidDrop(rounding="up")
+    with pytest.raises(BudgetError):
+        PyramidDrop(score_layer="next")
+
+
+def _official_pdrop_scores(model, inp: dict, layer: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The official ranking re-created: layer K's own q/k on its (unpruned) input, the last token's attention row."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    out = model(**inp, output_hidden_states=True)
+    h = out.hidden_states[layer]  # input of decoder layer `layer`
+    block = lm.layers[layer]
+    x = block.input_layernorm(h)
+    attn = block.self_attn
+    b, length, _ = x.shape
+    d = attn.head_dim
+    q = attn.q_proj(x).view(b, length, -1, d).transpose(1, 2)
+    k = attn.k_proj(x).view(b, length, -1, d).transpose(1, 2)
+    cos, sin = lm.rotary_emb(h, torch.arange(length)[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q[:, :, -1:] @ k.transpose(-1, -2)) * d**-0.5
+    return torch.softmax(logits.float(), dim=-1)[:, :, 0].mean(dim=1)  # [B, L]
+
+
+@pytest.mark.parametrize("score_layer", ["stage", "previous"])
+def test_pdrop_scores_with_the_stage_layers_own_attention(model, score_layer: str) -> None:  # type: ignore[no-untyped-def]
+    inp = llava_inputs(model, [PROMPT_A])
+    visual = inp["input_ids"][0] == model.config.image_token_id
+    strategy = PyramidDrop(layers=(3,), reference_layers=None, keep=5, score_layer=score_layer)
+    with torch.no_grad():
+        scores = _official_pdrop_scores(model, inp, 3 if score_layer == "stage" else 2)[0][visual]
+        with vtokprune.pruned(model, strategy):
+            model(**inp)
+            kept = vtokprune.last_selection(model)
+    assert kept is not None
+    assert kept.kept[0].tolist() == torch.sort(torch.topk(scores, 5).indices).values.tolist()

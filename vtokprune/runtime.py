@@ -162,6 +162,8 @@ def make_stage_probe(stage_layer: int):  # type: ignore[no-untyped-def]
         run = _RUN.get()
         if run is None or run.record is not None or stage_layer not in run.budgets:
             return
+        if run.stage_layer is not None and run.stage_layer >= stage_layer:
+            return  # a stage layer probed for its own scores runs again after pruning: nothing to score then
         ctx = run.context(None, stage_layer - 1)
         if not run.strategy.needs_attention:
             run.pending[stage_layer] = run.strategy.key_scores(key, ctx)
@@ -191,6 +193,8 @@ def decoder_pre_hook(layer_idx: int):  # type: ignore[no-untyped-def]
             return _decode_step(run, layer_idx, args, kwargs)
         if layer_idx in run.budgets:
             hidden, rest, kwargs = _layer_kwargs(args, dict(kwargs))
+            if run.strategy.probe_layer(layer_idx) == layer_idx:
+                _score_with_own_attention(run, module, hidden, kwargs)
             hidden = _prune_stage(run, layer_idx, hidden)
             return (hidden, *rest), _stage_kwargs(run, kwargs, hidden.dtype)
         if run.current is not None:
@@ -199,6 +203,17 @@ def decoder_pre_hook(layer_idx: int):  # type: ignore[no-untyped-def]
         return None
 
     return hook
+
+
+_CACHE_ARGS = frozenset({"past_key_values", "past_key_value", "cache", "use_cache"})
+
+
+def _score_with_own_attention(run: ForwardRun, layer: Any, hidden: torch.Tensor, kwargs: dict) -> None:
+    """Run a stage layer's attention on its unpruned input, cache untouched, so its probe scores the stage."""
+    current = _stage_kwargs(run, dict(kwargs), hidden.dtype) if run.current is not None else kwargs
+    layer.self_attn(
+        hidden_states=layer.input_layernorm(hidden), **{k: v for k, v in current.items() if k not in _CACHE_ARGS}
+    )
 
 
 def _prune_stage(run: ForwardRun, layer: int, hidden: torch.Tensor) -> torch.Tensor:

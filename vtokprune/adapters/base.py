@@ -200,7 +200,7 @@ class Adapter:
         if isinstance(strategy, LLMStrategy):
             layers: Any = self.decoder_layers()
             for stage in strategy.schedule(len(layers), 1 << 20):
-                attn = layers[stage - 1].self_attn
+                attn = layers[strategy.probe_layer(stage)].self_attn
                 install_probe(attn)
                 state.handles.append(("probe", attn))
             for i, decoder_layer in enumerate(layers):
@@ -300,7 +300,7 @@ class Adapter:
             encoded_counts = self.image_token_counts(args)
             run = self._llm_run(state, strategy, image_mask, args.get("attention_mask"), encoded_counts)
             layers: Any = self.decoder_layers()
-            probes = {id(layers[k - 1].self_attn): make_stage_probe(k) for k in run.budgets}
+            probes = {id(layers[strategy.probe_layer(k)].self_attn): make_stage_probe(k) for k in run.budgets}
             with active_run(run), probing(probes):
                 out = original(**args)
             record = CacheRecord(outer=None, outer_len=outer_len, lm_len=outer_len, stages=run.new_stages)

@@ -129,6 +129,11 @@ class LLMStrategy(Strategy):
         """Decoder layer -> visual tokens per image that survive from that layer on (before it runs)."""
         raise NotImplementedError  # pragma: no cover
 
+    def probe_layer(self, stage: int) -> int:
+        """Decoder layer whose attention scores the stage before `stage`: the previous one, or `stage` itself (its
+        attention is then run once more on the unpruned input, cache untouched)."""
+        return stage - 1
+
     def query_rows(self, ctx: LLMContext) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, R] query row indices, [B, R] validity) whose attention rows the strategy needs."""
         return ctx.last_index[:, None], torch.ones_like(ctx.last_index[:, None], dtype=torch.bool)
