@@ -150,26 +150,77 @@ def test_grid_crops_are_rectangular_blocks():
     assert sorted(torch.cat(uneven).tolist()) == list(range(15))
 
 
-def test_allocate_is_exact_and_respects_crop_size():
+def test_allocate_follows_the_official_floor_and_leftover():
     sizes = torch.tensor([4, 4, 4, 4])
-    assert allocate(torch.tensor([1.0, 0.0, 0.0, 0.0]), sizes, 6).tolist() == [4, 1, 1, 0]
-    assert allocate(torch.tensor([0.0, 0.0, 0.0, 0.0]), sizes, 5).tolist() == [2, 1, 1, 1]
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        sizes = torch.randint(1, 9, (6,), generator=gen)
-        w = torch.rand(6, generator=gen)
-        k = int(torch.randint(1, int(sizes.sum()) + 1, (1,), generator=gen))
-        alloc = allocate(w, sizes, k)
-        assert int(alloc.sum()) == k and bool((alloc <= sizes).all()) and bool((alloc >= 0).all())
+    # floor(6 * [1, 0, 0, 0]) = [5 (eps), 0, 0, 0] -> leftover 1 to the largest weight; capped at the crop size
+    assert allocate(torch.tensor([1.0, 0.0, 0.0, 0.0]), sizes, 6).tolist() == [4, 0, 0, 0]
+    assert allocate(torch.tensor([1.0, 1.0, 1.0, 1.0]), sizes, 5).tolist() == [2, 1, 1, 1]
+    assert allocate(torch.tensor([3.0, 1.0]), torch.tensor([8, 8]), 4).tolist() == [3, 1]
+
+
+def official_holov(tokens, attention, num_patches, k, alpha=0.09, esp=1e-6):
+    """obananas/HoloV `HoloV()` for one image, re-created to return the kept indices instead of the tokens."""
+    n = tokens.shape[0]
+    size, rem = n // num_patches, n % num_patches
+    crops, start = [], 0
+    for p in range(num_patches):
+        cur = size + (1 if p < rem else 0)
+        if cur > 0:
+            crops.append(torch.arange(start, start + cur))
+        start += cur
+    scores = []
+    for c in crops:
+        a = attention[c]
+        if len(c) <= 1:
+            scores.append(a.mean())
+            continue
+        f = tokens[c] / (tokens[c].norm(dim=1, keepdim=True) + esp)
+        s = (f @ f.T) * (1 - torch.eye(len(c)))
+        mean = s.sum(dim=1) / (len(c) - 1)
+        var = ((s - mean[:, None]) ** 2).sum(dim=1) / (len(c) - 1)
+        a3 = a * 1e3
+        scores.append((a3 + alpha * var * (a3.abs().mean() / (var.abs().mean() + esp))).mean())
+    w = torch.stack(scores) / (torch.stack(scores).sum() + esp)
+    alloc = (w * k).floor().long()
+    remaining = k - alloc.sum()
+    if remaining > 0:
+        for i in torch.topk(w, k=min(int(remaining), len(w))).indices[:remaining]:
+            alloc[i] += 1
+    kept = []
+    for c, al in zip(crops, alloc):
+        if al >= len(c):
+            kept.append(c)
+        elif al > 0:
+            kept.append(c[torch.topk(attention[c], k=int(al)).indices])
+    return sorted(torch.cat(kept).tolist())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_holov_matches_official_code(seed):
+    gen = torch.Generator().manual_seed(seed)
+    t, k = 50, 12
+    feats = torch.randn(1, t, 8, generator=gen)
+    attn = torch.rand(1, 2, t, generator=gen)
+    sig = VisionSignals(features=feats, cls_attn={1: attn})
+    got = get_strategy("holov", keep=k).select(sig, k).indices[0].tolist()
+    assert got == official_holov(feats[0], attn[0].mean(0), 16, k)
+
+
+def test_holov_fills_an_overflowing_crops_shortfall_with_real_tokens():
+    attn = torch.full((16,), 1e-4)
+    attn[:4] = torch.tensor([0.4, 0.3, 0.2, 0.1])  # crop 0 (runs of 4) holds almost all the mass
+    sig = VisionSignals(features=torch.randn(1, 16, 6), cls_attn={1: attn.expand(1, 3, 16).clone()})
+    kept = get_strategy("holov", keep=8, crops=(2, 2)).select(sig, 8).indices[0].tolist()
+    assert len(kept) == 8 and {0, 1, 2, 3} <= set(kept)
 
 
 def test_holov_crop_with_all_the_mass():
     attn = torch.zeros(16)
     attn[[0, 1, 4, 5]] = torch.tensor([0.4, 0.3, 0.2, 0.1])
     sig = VisionSignals(features=torch.randn(1, 16, 6), grid=(4, 4), cls_attn={1: attn.expand(1, 3, 16).clone()})
-    s = get_strategy("holov", keep=4, crops=(2, 2))
+    s = get_strategy("holov", keep=4, crops=(2, 2), crop_layout="grid")
     assert s.select(sig, 4).indices.tolist() == [[0, 1, 4, 5]]
-    # 6 > 4 tokens in that crop: it is full, the other 2 go to the (equal, zero-score) crops with the lowest index
+    # 6 > 4 tokens in that crop: it keeps all, the shortfall is filled by the best remaining tokens
     kept = s.select(sig, 6).indices[0].tolist()
     assert len(kept) == 6 and {0, 1, 4, 5} <= set(kept)
 
@@ -181,7 +232,10 @@ def test_holov_similarity_variance_term_changes_ranking():
     feats = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [r, r]]).unsqueeze(0)
     sig = VisionSignals(features=feats, grid=(2, 2), cls_attn={0: torch.tensor([[[0.24, 0.24, 0.24, 0.28]]])})
     assert get_strategy("holov", keep=1, crops=(1, 1), alpha=0.0).select(sig, 1).indices.tolist() == [[3]]
-    assert get_strategy("holov", keep=1, crops=(1, 1), alpha=1.0).select(sig, 1).indices.tolist() == [[0]]
+    score = get_strategy("holov", keep=1, crops=(1, 1), alpha=1.0, rank_by="score")
+    assert score.select(sig, 1).indices.tolist() == [[0]]
+    # the official code ranks inside a crop by attention alone: the variance term only moves budget between crops
+    assert get_strategy("holov", keep=1, crops=(1, 1), alpha=1.0).select(sig, 1).indices.tolist() == [[3]]
 
 
 def test_holov_uses_tiles_when_given():
@@ -193,7 +247,7 @@ def test_holov_uses_tiles_when_given():
         cls_attn={0: attn.view(1, 1, 12)},
         tiles=[list(range(6)), list(range(6, 12))],
     )
-    assert get_strategy("holov", keep=3).select(sig, 3).indices.tolist() == [[9, 10, 11]]
+    assert get_strategy("holov", keep=3, crop_layout="grid").select(sig, 3).indices.tolist() == [[9, 10, 11]]
 
 
 # ---------------------------------------------------------------------------------------------- flowcut
