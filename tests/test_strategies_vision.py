@@ -274,6 +274,56 @@ def test_flowcut_pruned_tokens_never_return():
     assert set(kept.tolist()) <= {0, 1, 2} and len(kept) == 2  # layer 0 kept 3; token 5 was gone by layer 2
 
 
+def official_flowcut(cls_attn, values, cls_values, feature_layer, k):
+    """TungChintao/FlowCut's encoder loop for one image, re-created on given per-layer signals (heads first):
+    compute_score, 0.5/0.5 accumulation, rpl = feature_layer - idx - 1, cut when rpl is even, adaptive count."""
+    t = cls_attn[0].shape[-1]
+    keep = torch.arange(t)
+    cum = None
+    target = k + 1  # the official target counts the [CLS]
+    for idx in range(feature_layer + 1):
+        if keep.numel() + 1 <= target:
+            break
+        rpl = feature_layer - idx - 1
+        a = cls_attn[idx][:, keep].mean(0)
+        v = values[idx][:, keep]
+        cv = cls_values[idx]
+        logits = torch.cat([(cv * cv).sum(-1, keepdim=True), torch.einsum("hd,hcd->hc", cv, v)], dim=-1)
+        sem = torch.softmax(logits, dim=-1).mean(0)[1:]
+        score = (a / a.sum() + sem / sem.sum()) * torch.norm(v.mean(0), p=1, dim=-1)
+        cum = score if cum is None else 0.5 * cum + 0.5 * score
+        if not rpl % 2:
+            if rpl:
+                prob = a / a.sum()
+                ratio = -(prob * torch.log(prob)).sum() / torch.log(torch.tensor(float(a.shape[-1])))
+                prune = int(((a.shape[-1] - (target - 1)) / rpl**0.5 * (1 - ratio**2)).round())
+            else:
+                prune = keep.numel() + 1
+            num = max(keep.numel() + 1 - prune, target)
+            top = torch.topk(cum, num - 1).indices.sort().values
+            keep, cum = keep[top], cum[top]
+    return keep.tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flowcut_matches_official_loop(seed):
+    gen = torch.Generator().manual_seed(seed)
+    h, t, d, feature_layer, k = 2, 24, 4, 6, 5
+    attn = {i: torch.softmax(torch.randn(h, t, generator=gen) * 2, -1) for i in range(feature_layer + 1)}
+    vals = {i: torch.randn(h, t, d, generator=gen) for i in range(feature_layer + 1)}
+    cls_v = {i: torch.randn(h, d, generator=gen) for i in range(feature_layer + 1)}
+    layers = get_strategy("flowcut", keep=k).vision_layers(8, feature_layer)
+    assert layers == tuple(range(feature_layer))  # the feature layer itself is not scored
+    sig = VisionSignals(
+        features=torch.randn(1, t, 3),
+        cls_attn={i: attn[i][None] for i in layers},
+        values={i: vals[i][None] for i in layers},
+        cls_values={i: cls_v[i][None] for i in layers},
+    )
+    got = get_strategy("flowcut", keep=k).select(sig, k).indices[0].tolist()
+    assert got == official_flowcut(attn, vals, cls_v, feature_layer, k)
+
+
 def test_flowcut_exact_budget_random():
     gen = torch.Generator().manual_seed(1)
     n, h, t, d = 2, 3, 20, 4
