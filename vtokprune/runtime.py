@@ -123,6 +123,7 @@ class ForwardRun:
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
     mask_cache: dict[tuple, Any] = field(default_factory=dict)
     new_stages: list[StageRecord] = field(default_factory=list)
+    inputs_embeds: torch.Tensor | None = None  # [B, L_lm, D] the decoder's input, kept for strategies that read it
 
     def context(self, hidden: torch.Tensor | None, layer: int) -> LLMContext:
         comp = self.current
@@ -139,6 +140,10 @@ class ForwardRun:
             layer=layer,
             num_layers=self.num_layers,
             hidden=hidden,
+            inputs_embeds=self.inputs_embeds,
+            lm_image_mask=self.image_mask & self.valid,
+            lm_valid=self.valid,
+            cols=comp.cols if comp is not None else positions,
         )
 
 
@@ -191,6 +196,8 @@ def decoder_pre_hook(layer_idx: int):  # type: ignore[no-untyped-def]
             return None
         if run.record is not None:
             return _decode_step(run, layer_idx, args, kwargs)
+        if layer_idx == 0 and run.strategy.reads_inputs_embeds:
+            run.inputs_embeds = args[0] if args else kwargs["hidden_states"]
         if layer_idx in run.budgets:
             hidden, rest, kwargs = _layer_kwargs(args, dict(kwargs))
             if run.strategy.probe_layer(layer_idx) == layer_idx:

@@ -116,6 +116,12 @@ class LLMContext:
     layer: int
     num_layers: int
     hidden: torch.Tensor | None = None
+    # LM-level view (before any stage compacted the sequence); cols [B, L] maps each current slot to its LM-level
+    # column (-1 for padding slots). inputs_embeds is set only for strategies with `reads_inputs_embeds`.
+    inputs_embeds: torch.Tensor | None = None
+    lm_image_mask: torch.Tensor | None = None
+    lm_valid: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,8 @@ class LLMStrategy(Strategy):
     # False for strategies that never read attention weights (they score from keys / hidden states), so they also
     # run where no attention rows can be computed for them (e.g. flash_attention_2).
     needs_attention: ClassVar[bool] = True
+    # True for strategies that read the decoder's input embeddings (LLMContext.inputs_embeds).
+    reads_inputs_embeds: ClassVar[bool] = False
 
     def schedule(self, num_layers: int, available: int) -> dict[int, int]:
         """Decoder layer -> visual tokens per image that survive from that layer on (before it runs)."""
