@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .compaction import Compaction, remap_mask
+from .compaction import Compaction, contiguous_stage_cols, remap_mask
 from .errors import PruningStateError
 from .probe import attention_rows
 from .strategies.base import LLMContext, LLMStrategy, Strategy
@@ -55,6 +55,7 @@ class CacheRecord:
     outer_len: int  # caller's prefill length (unpruned)
     lm_len: int  # language-model-level prefill length
     stages: list[StageRecord] = field(default_factory=list)
+    contiguous: bool = False  # pre-LLM: kept tokens were renumbered 0..n-1, so decoding continues from the cache length
 
 
 class PrunerState:
@@ -124,6 +125,7 @@ class ForwardRun:
     mask_cache: dict[tuple, Any] = field(default_factory=dict)
     new_stages: list[StageRecord] = field(default_factory=list)
     inputs_embeds: torch.Tensor | None = None  # [B, L_lm, D] the decoder's input, kept for strategies that read it
+    contiguous: bool = False  # renumber kept tokens' positions at each stage (positions="contiguous", 1-D RoPE)
 
     def context(self, hidden: torch.Tensor | None, layer: int) -> LLMContext:
         comp = self.current
@@ -270,11 +272,16 @@ def _stage_kwargs(run: ForwardRun, kwargs: dict, dtype: torch.dtype) -> dict:
             if name == "attention_mask":
                 run.mask_cache[key] = _prefill_mask(run, value, dtype)
             elif name == "position_embeddings":
-                run.mask_cache[key] = tuple(comp.gather(t, dim=-2) for t in value)
+                run.mask_cache[key] = tuple(_position_comp(run).gather(t, dim=-2) for t in value)
             else:
-                run.mask_cache[key] = comp.gather(value, dim=-1)
+                run.mask_cache[key] = _position_comp(run).gather(value, dim=-1)
         kwargs[name] = run.mask_cache[key]
     return kwargs
+
+
+def _position_comp(run: ForwardRun) -> Compaction:
+    assert run.current is not None
+    return contiguous_stage_cols(run.current, run.valid) if run.contiguous else run.current
 
 
 def _check_mask_kind(lm_mask: Any) -> None:

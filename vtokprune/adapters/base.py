@@ -24,7 +24,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..compaction import Compaction
+from ..compaction import Compaction, renumber_contiguous
 from ..compat import cache_from_output, native_cache_name, normalise_cache_args
 from ..errors import CapabilityError, PruningStateError
 from ..probe import attention_rows, install_probe, probing, uninstall_probe
@@ -75,6 +75,10 @@ class Adapter:
         raise NotImplementedError
 
     def has_cls(self) -> bool:
+        return False
+
+    def mrope(self) -> bool:
+        """True for 3-D (M-RoPE) positions, which always keep their original values."""
         return False
 
     def supported_signals(self) -> frozenset[str]:
@@ -291,9 +295,10 @@ class Adapter:
                 available=[f.shape[0] for f in encoded.features],
                 sample_of=self._sample_of(image_mask, counts),
             )
-            args = self.compact_args(args, outer)
+            args = self.compact_args(args, outer, strategy.positions)
             out = self.call_pruned(original, args, run_feats)
             record = CacheRecord(outer=outer, outer_len=outer_len, lm_len=outer.length)
+            record.contiguous = strategy.positions == "contiguous" and args["position_ids"].dim() == 2
             compaction: Compaction | None = outer
         else:
             assert isinstance(strategy, LLMStrategy)
@@ -322,7 +327,9 @@ class Adapter:
         if record.outer is not None:
             outer = record.outer
             done_new = past_len - record.lm_len  # tokens generated after the prefill so far
-            if args.get("position_ids") is None:
+            if record.contiguous:  # the compact sequence is the input: continue from the cache length
+                args["position_ids"] = (torch.arange(q, device=ids.device) + past_len).expand(ids.shape[0], q)
+            elif args.get("position_ids") is None:
                 args["position_ids"] = self.decode_positions(args, record, past_len)
             mask = args.get("attention_mask")
             if mask is not None and mask.dim() == 2:
@@ -414,8 +421,9 @@ class Adapter:
             keep[sample, cols[idx.to(cols.device)]] = True
         return keep
 
-    def compact_args(self, args: dict[str, Any], outer: Compaction) -> dict[str, Any]:
-        """Shorten ids, mask and positions to the kept tokens; positions stay those of the full sequence."""
+    def compact_args(self, args: dict[str, Any], outer: Compaction, positions_mode: str = "original") -> dict[str, Any]:
+        """Shorten ids, mask and positions to the kept tokens; positions stay those of the full sequence, or are
+        renumbered contiguously (`positions_mode="contiguous"`, 1-D positions only)."""
         args = dict(args)
         ids = args["input_ids"]
         past = args.get(self.cache_name)
@@ -436,6 +444,8 @@ class Adapter:
             # position_ids as boundaries of packed sequences.
             args["attention_mask"] = outer.valid.long()
         args["position_ids"] = outer.gather(positions, fill=1, dim=-1)
+        if positions_mode == "contiguous":
+            args["position_ids"] = renumber_contiguous(args["position_ids"], past_len)
         return args
 
     def pad_token_id(self) -> int:
@@ -485,6 +495,7 @@ class Adapter:
             num_layers=len(layers),
             eager=self._eager(),
             image_ids=image_ids,
+            contiguous=strategy.positions == "contiguous" and not self.mrope(),
         )
 
     def _llm_selection(self, run: ForwardRun, image_mask: torch.Tensor, counts: list[int]) -> Selection:

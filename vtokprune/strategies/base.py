@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..budget import resolve_budget, validate_budget
+from ..errors import BudgetError
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class Strategy:
 
     keep: int | None = None
     ratio: float | None = None
+    # "original": kept tokens keep the positions they had in the unpruned sequence; "contiguous": they are renumbered
+    # 0..n-1 as if the pruned sequence were the input (decoding continues from there for pre-LLM strategies; in-LLM
+    # stages renumber their survivors, decoding keeps the unpruned count). M-RoPE models always keep their 3-D
+    # positions (a documented no-op). Each strategy defaults to what its official code does.
+    positions: str = "original"
 
     name: ClassVar[str] = ""
     acts: ClassVar[str] = "vision"
@@ -34,6 +40,8 @@ class Strategy:
 
     def __post_init__(self) -> None:
         validate_budget(self.keep, self.ratio)
+        if self.positions not in ("original", "contiguous"):
+            raise BudgetError(f"positions must be 'original' or 'contiguous', got {self.positions!r}")
 
     def budget(self, available: int) -> int:
         """Tokens to keep out of `available` visual tokens of one image."""

@@ -83,6 +83,8 @@ class CDPruner(VisionStrategy):
     the whole batch, so a batch changes each image's kernel).
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     theta: float | None = None
 
     name: ClassVar[str] = "cdpruner"

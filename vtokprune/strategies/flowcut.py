@@ -91,6 +91,8 @@ class FlowCut(VisionStrategy):
     layer scored (0-based, negative counts from the end of the tower).
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     start: int = 0
     stride: int = 2
     smoothing: float = 0.5

@@ -118,6 +118,8 @@ class HoloV(VisionStrategy):
     attention within a crop).
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     crops: tuple[int, int] = (4, 4)
     alpha: float = 0.09
     crop_layout: str = "runs"

@@ -120,6 +120,8 @@ class PyramidDrop(LLMStrategy):
       These are mutually exclusive.
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     layers: tuple[int, ...] | None = None
     lam: float | None = None
     fractions: Mapping[int, float] | tuple[tuple[int, float], ...] | None = None

@@ -182,6 +182,8 @@ class SparseVLM(LLMStrategy):
     kept ones so counts stay exact. The official code renumbers positions; see `positions`.
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     layers: tuple[int, ...] = (3, 7, 16)
     reference_layers: int | None = 32
     recycle: bool = True

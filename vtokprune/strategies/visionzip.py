@@ -123,6 +123,8 @@ class VisionZip(VisionStrategy):
     then the dominant, then the contextual tokens).
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     contextual_ratio: float = 10 / 64
     key_reduce: str = "mean"
     merge: str = "official"

@@ -66,6 +66,8 @@ class VisPruner(VisionStrategy):
     no adapter here exposes, so they raise CapabilityError.
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     important_ratio: float = 0.5
     step: int = 8
 

@@ -74,6 +74,8 @@ class ZOOPrune(VisionStrategy):
     mixes several patches per token, or the tokens are re-arranged after it): other families raise CapabilityError.
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     perturbations: int = 8
     epsilon: float = 1e-2
     seed: int = 0
