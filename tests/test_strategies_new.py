@@ -276,3 +276,47 @@ def test_new_strategies_are_registered_and_exported():
     assert {"cdpruner", "cdpruner_clip", "vispruner", "dart", "zoo"} <= set(names)
     for cls_name in ("CDPruner", "CDPrunerCLIP", "VisPruner", "DART", "ZOOPrune"):
         assert hasattr(vtokprune, cls_name)
+
+
+# ------------------------------------------------------------------------------------------------ DART, flash-style masks
+
+FAKE_FLASH = "vtokprune_test_flash"
+
+
+def _register_fake_flash() -> None:
+    """An attention implementation that receives flash attention's [B, L] padding masks (or None) and runs SDPA with
+    the equivalent causal + padding mask: stands in for flash_attention_2 where flash-attn is not installed."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    def fake_flash(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+        assert attention_mask is None or attention_mask.dim() == 2, "flash attention only ever gets 2-D masks"
+        lq, lk = query.shape[2], key.shape[2]
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
+        mask = causal[None, None] if attention_mask is None else causal[None, None] & attention_mask.bool()[:, None, None]
+        return sdpa_attention_forward(module, query, key, value, mask.expand(query.shape[0], 1, lq, lk), **kwargs)
+
+    AttentionInterface.register(FAKE_FLASH, fake_flash)
+    AttentionMaskInterface.register(FAKE_FLASH, flash_attention_mask)
+
+
+def test_dart_runs_with_flash_style_masks_like_sdpa():
+    from vtokprune.tiny import llava_inputs, tiny_llava
+
+    _register_fake_flash()
+    sdpa = tiny_llava(seed=0, text_layers=4)
+    flash = tiny_llava(seed=0, text_layers=4)
+    flash.config.text_config._attn_implementation_internal = FAKE_FLASH
+    inputs = llava_inputs(sdpa, [[8, 9, 10, 11, 12], [13, 14]], images=[1, 2])  # padded batch, 2 images in one
+    outs = []
+    for model in (sdpa, flash):
+        with torch.no_grad(), vtokprune.pruned(model, DART(keep=5)):
+            logits = model(**inputs).logits
+            kept = [k.tolist() for k in vtokprune.last_selection(model).kept]
+            gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        outs.append((logits, kept, gen))
+    assert outs[0][1] == outs[1][1]
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(outs[0][0][:, -1][valid[:, -1]], outs[1][0][:, -1][valid[:, -1]], atol=1e-4, rtol=1e-4)
+    assert torch.equal(outs[0][2], outs[1][2])

@@ -126,6 +126,7 @@ class ForwardRun:
     new_stages: list[StageRecord] = field(default_factory=list)
     inputs_embeds: torch.Tensor | None = None  # [B, L_lm, D] the decoder's input, kept for strategies that read it
     contiguous: bool = False  # renumber kept tokens' positions at each stage (positions="contiguous", 1-D RoPE)
+    flat_masks: bool = False  # the attention implementation takes [B, L] padding masks (flash attention)
 
     def context(self, hidden: torch.Tensor | None, layer: int) -> LLMContext:
         comp = self.current
@@ -284,8 +285,16 @@ def _position_comp(run: ForwardRun) -> Compaction:
     return contiguous_stage_cols(run.current, run.valid) if run.contiguous else run.current
 
 
+def _flat_mask(mask: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:
+    """Flash attention's [B, L] padding mask for the kept columns `cols` [B, K] (-1: padding slot); None if none."""
+    if mask is None:
+        return None if bool((cols >= 0).all()) else cols >= 0
+    kept = torch.gather(mask, 1, cols.clamp(min=0))
+    return kept.masked_fill(cols < 0, 0)
+
+
 def _check_mask_kind(lm_mask: Any) -> None:
-    if lm_mask is not None and (not torch.is_tensor(lm_mask) or lm_mask.dim() != 4):
+    if lm_mask is not None and (not torch.is_tensor(lm_mask) or lm_mask.dim() not in (2, 4)):
         raise NotImplementedError(
             "vtokprune: in-LLM pruning needs the 'sdpa' or 'eager' attention implementation (4D or no mask); "
             f"this model built a {type(lm_mask).__name__} mask. Load the model with attn_implementation='sdpa'"
@@ -296,6 +305,8 @@ def _prefill_mask(run: ForwardRun, lm_mask: Any, dtype: torch.dtype) -> Any:
     _check_mask_kind(lm_mask)
     comp = run.current
     assert comp is not None
+    if run.flat_masks or (lm_mask is not None and lm_mask.dim() == 2):
+        return _flat_mask(lm_mask, comp.cols)
     if lm_mask is not None and lm_mask.shape[2] != lm_mask.shape[3]:
         raise NotImplementedError("vtokprune: in-LLM pruning of a prefill that continues a filled cache")
     return remap_mask(lm_mask, comp.cols, comp.cols, comp.cols.clamp(min=0), run.eager, dtype)
@@ -325,7 +336,9 @@ def _decode_step(run: ForwardRun, layer_idx: int, args: tuple, kwargs: dict):  #
         # LM-level mask columns run over [0, kv_len); gather the ones this stage's cache holds. Query rows of a
         # decoding step are never compacted, so they index the LM-level rows relative to this call.
         q_rows = torch.arange(q, device=comp.cols.device).expand(b, -1)
-        if lm_mask is None:
+        if run.flat_masks or (lm_mask is not None and lm_mask.dim() == 2):
+            run.mask_cache[key] = _flat_mask(lm_mask, k_cols)
+        elif lm_mask is None:
             run.mask_cache[key] = remap_mask(None, q_pos, k_cols, q_pos, run.eager, hidden.dtype)
         else:
             run.mask_cache[key] = remap_mask(lm_mask, q_rows, k_cols, q_pos, run.eager, lm_mask.dtype)

@@ -349,6 +349,7 @@ class Adapter:
             budgets={},
             num_layers=len(self.decoder_layers()),
             eager=self._eager(),
+            flat_masks=self._flat_masks(),
             record=record,
             kv_len=past_len + q,
         )
@@ -365,6 +366,9 @@ class Adapter:
     # ------------------------------------------------------------------ pieces
     def _eager(self) -> bool:
         return getattr(self.text_config(), "_attn_implementation", "sdpa") == "eager"
+
+    def _flat_masks(self) -> bool:
+        return "flash" in str(getattr(self.text_config(), "_attn_implementation", ""))
 
     def _attach_prompts(self, encoded: EncodedImages, image_mask: torch.Tensor, args: dict[str, Any]) -> None:
         """Give text-guided strategies the prompt (real, non-image token ids) each image belongs to."""
@@ -494,6 +498,7 @@ class Adapter:
             budgets=budgets,
             num_layers=len(layers),
             eager=self._eager(),
+            flat_masks=self._flat_masks(),
             image_ids=image_ids,
             contiguous=strategy.positions == "contiguous" and not self.mrope(),
         )
