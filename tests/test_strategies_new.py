@@ -52,6 +52,20 @@ def test_dpp_orthogonal_tokens_follow_relevance_and_duplicates_are_skipped():
     assert idx.tolist() == [[0, 2, 3]]  # most relevant, then never its duplicate
 
 
+def test_dpp_never_repeats_when_the_kernel_rank_runs_out():
+    gen = torch.Generator().manual_seed(2)
+    feats = torch.randn(2, 40, 3, generator=gen)  # rank 3 < k
+    relevance = torch.rand(2, 40, generator=gen)
+    idx = dpp_greedy_map(conditional_kernel(feats, relevance, None), 10)
+    assert all(len(set(r.tolist())) == 10 for r in idx)
+    # past the rank, the remaining picks follow quality (relevance^2)
+    first3 = dpp_greedy_map(conditional_kernel(feats, relevance, None), 3)
+    for i in range(2):
+        rest = sorted(set(idx[i].tolist()) - set(first3[i].tolist()))
+        order = [j for j in torch.argsort(relevance[i], descending=True).tolist() if j not in first3[i].tolist()]
+        assert rest == sorted(order[:7])
+
+
 def official_cdpruner(features: torch.Tensor, relevance_raw: torch.Tensor, k: int) -> torch.Tensor:
     """The official encode_images math for one image: cosine kernel, min-max relevance, greedy with -inf marking."""
     xn = features / features.norm(dim=-1, keepdim=True)

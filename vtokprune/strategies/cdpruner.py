@@ -15,26 +15,34 @@ from .base import VisionSelection, VisionSignals, VisionStrategy
 from .text_clip import TextCLIP
 
 
-def dpp_greedy_map(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> torch.Tensor:
+def dpp_greedy_map(kernel: torch.Tensor, k: int, tol: float = 1e-6) -> torch.Tensor:
     """Greedy MAP of a DPP, batched: [N, T, T] PSD kernels -> [N, k] ascending indices.
 
     Chen et al., "Fast Greedy MAP Inference for Determinantal Point Process" (NeurIPS 2018): each step adds the item
     j maximising the marginal gain d_j^2 = L_jj - ||c_j||^2 of log det L_S, with the Cholesky rows c updated
     incrementally, e_i = (L_{j i} - <c_j, c_i>) / d_j, d_i^2 -= e_i^2. Equal to picking argmax_j det(L_{S+j}) at
-    every step. Ties -> the lower index; chosen items are never picked again (even when every gain is 0).
+    every step. Ties -> the lower index; chosen items are never picked again. Once no gain is above `tol` times the
+    image's largest L_jj (the kernel's rank is used up, e.g. k above the feature width, or exact duplicates), the
+    rest are taken by L_jj, the quality term alone, where the official code would divide by ~0 (NaN). In float64.
     """
     n, t, _ = kernel.shape
-    kern = kernel.float()
+    kern = kernel.double()
     rows = torch.arange(n, device=kernel.device)
     chol = torch.zeros(k, n, t, dtype=kern.dtype, device=kernel.device)
-    gain = torch.diagonal(kern, dim1=1, dim2=2).clone()
+    quality = torch.diagonal(kern, dim1=1, dim2=2).clone()
+    gain = quality.clone()
+    eps = (tol * quality.max(dim=-1).values).clamp(min=1e-30)
     chosen = torch.zeros(n, t, dtype=torch.bool, device=kernel.device)
     picks = []
     for i in range(k):
-        j = gain.masked_fill(chosen, -torch.inf).argmax(dim=-1)
+        best = gain.masked_fill(chosen, -torch.inf)
+        j = best.argmax(dim=-1)
+        ok = best[rows, j] > eps
+        j = torch.where(ok, j, quality.masked_fill(chosen, -torch.inf).argmax(dim=-1))
         picks.append(j)
         proj = torch.einsum("in,int->nt", chol[:i, rows, j], chol[:i])
-        e = (kern[rows, j] - proj) / gain[rows, j].clamp(min=eps).sqrt()[:, None]
+        e = (kern[rows, j] - proj) / torch.maximum(gain[rows, j], eps).sqrt()[:, None]
+        e = torch.where(ok[:, None], e, torch.zeros_like(e))
         chol[i] = e
         gain = gain - e.square()
         chosen[rows, j] = True
