@@ -105,7 +105,8 @@ def test_pdrop_rejects(kwargs: dict) -> None:
 def test_sparsevlm_adaptinfer_schedule() -> None:
     assert SparseVLM(keep=64).schedule(32, 576) == {3: 277, 7: 133, 16: 64}  # official 2/6/15, pruned after
     assert SparseVLM(keep=64).schedule(4, 576) == {1: 133, 2: 64}
-    assert SparseVLM().schedule(32, 576) == {3: 576, 7: 576, 16: 576}  # no budget: keep everything
+    with pytest.raises(BudgetError, match="no budget"):
+        SparseVLM().schedule(32, 576)  # no budget is never a silent keep-all
     assert AdaptInfer(keep=64).schedule(32, 576) == {2: 64}
     assert AdaptInfer(keep=64).schedule(4, 576) == {1: 64}
     assert AdaptInfer(keep=8, layers=(2, 12)).schedule(32, 32) == {2: 16, 12: 8}
