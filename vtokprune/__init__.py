@@ -19,6 +19,9 @@ from .errors import (
 from .registry import available_strategies, get_strategy, register_strategy
 from .runtime import Selection
 from .strategies import (
+    DART,
+    CDPruner,
+    CDPrunerCLIP,
     CLSAttention,
     FastV,
     LLMStrategy,
@@ -28,13 +31,18 @@ from .strategies import (
     Strategy,
     VisionSignals,
     VisionStrategy,
+    VisPruner,
+    ZOOPrune,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADAPTERS",
+    "DART",
     "BudgetError",
+    "CDPruner",
+    "CDPrunerCLIP",
     "CLSAttention",
     "CapabilityError",
     "FastV",
@@ -49,7 +57,9 @@ __all__ = [
     "UnsupportedModelError",
     "VTokPruneError",
     "VisionSignals",
+    "VisPruner",
     "VisionStrategy",
+    "ZOOPrune",
     "__version__",
     "apply",
     "available_strategies",

@@ -51,7 +51,7 @@ def apply(model: M, strategy: Strategy | str, fallback: Strategy | str | None = 
         adapter.check(substitute)
         warnings.warn(f"vtokprune: {e}; falling back to {substitute!r} as asked", stacklevel=2)
         resolved = substitute
-    if isinstance(resolved, LLMStrategy):
+    if isinstance(resolved, LLMStrategy) and resolved.needs_attention:
         impl = getattr(adapter.text_config(), "_attn_implementation", None)
         if impl not in (None, "sdpa", "eager"):
             raise CapabilityError(

@@ -24,7 +24,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..compaction import Compaction
+from ..compaction import Compaction, renumber_contiguous
 from ..compat import cache_from_output, native_cache_name, normalise_cache_args
 from ..errors import CapabilityError, PruningStateError
 from ..probe import attention_rows, install_probe, probing, uninstall_probe
@@ -75,6 +75,10 @@ class Adapter:
         raise NotImplementedError
 
     def has_cls(self) -> bool:
+        return False
+
+    def mrope(self) -> bool:
+        """True for 3-D (M-RoPE) positions, which always keep their original values."""
         return False
 
     def supported_signals(self) -> frozenset[str]:
@@ -200,7 +204,7 @@ class Adapter:
         if isinstance(strategy, LLMStrategy):
             layers: Any = self.decoder_layers()
             for stage in strategy.schedule(len(layers), 1 << 20):
-                attn = layers[stage - 1].self_attn
+                attn = layers[strategy.probe_layer(stage)].self_attn
                 install_probe(attn)
                 state.handles.append(("probe", attn))
             for i, decoder_layer in enumerate(layers):
@@ -295,16 +299,17 @@ class Adapter:
                 available=[f.shape[0] for f in encoded.features],
                 sample_of=self._sample_of(image_mask, counts),
             )
-            args = self.compact_args(args, outer)
+            args = self.compact_args(args, outer, strategy.positions)
             out = self.call_pruned(original, args, run_feats)
             record = CacheRecord(outer=outer, outer_len=outer_len, lm_len=outer.length)
+            record.contiguous = strategy.positions == "contiguous" and args["position_ids"].dim() == 2
             compaction: Compaction | None = outer
         else:
             assert isinstance(strategy, LLMStrategy)
             encoded_counts = self.image_token_counts(args)
             run = self._llm_run(state, strategy, image_mask, args.get("attention_mask"), encoded_counts)
             layers: Any = self.decoder_layers()
-            probes = {id(layers[k - 1].self_attn): make_stage_probe(k) for k in run.budgets}
+            probes = {id(layers[strategy.probe_layer(k)].self_attn): make_stage_probe(k) for k in run.budgets}
             with active_run(run), probing(probes):
                 out = original(**args)
             record = CacheRecord(outer=None, outer_len=outer_len, lm_len=outer_len, stages=run.new_stages)
@@ -326,7 +331,9 @@ class Adapter:
         if record.outer is not None:
             outer = record.outer
             done_new = past_len - record.lm_len  # tokens generated after the prefill so far
-            if args.get("position_ids") is None:
+            if record.contiguous:  # the compact sequence is the input: continue from the cache length
+                args["position_ids"] = (torch.arange(q, device=ids.device) + past_len).expand(ids.shape[0], q)
+            elif args.get("position_ids") is None:
                 args["position_ids"] = self.decode_positions(args, record, past_len)
             mask = args.get("attention_mask")
             if mask is not None and mask.dim() == 2:
@@ -346,6 +353,7 @@ class Adapter:
             budgets={},
             num_layers=len(self.decoder_layers()),
             eager=self._eager(),
+            flat_masks=self._flat_masks(),
             record=record,
             kv_len=past_len + q,
         )
@@ -363,6 +371,9 @@ class Adapter:
     def _eager(self) -> bool:
         return getattr(self.text_config(), "_attn_implementation", "sdpa") == "eager"
 
+    def _flat_masks(self) -> bool:
+        return "flash" in str(getattr(self.text_config(), "_attn_implementation", ""))
+
     def _attach_prompts(self, encoded: EncodedImages, image_mask: torch.Tensor, args: dict[str, Any]) -> None:
         """Give text-guided strategies the prompt (real, non-image token ids) each image belongs to."""
         ids = args["input_ids"]
@@ -371,6 +382,7 @@ class Adapter:
         samples = self._sample_of(image_mask, self.placeholder_counts(encoded))
         for count, members in encoded.groups.items():
             encoded.signals[count].prompt_ids = [ids[samples[i]][valid[samples[i]]] for i in members]
+            encoded.signals[count].embed_tokens = self.model.get_input_embeddings()
 
     def _select(
         self, strategy: VisionStrategy, encoded: EncodedImages
@@ -417,8 +429,9 @@ class Adapter:
             keep[sample, cols[idx.to(cols.device)]] = True
         return keep
 
-    def compact_args(self, args: dict[str, Any], outer: Compaction) -> dict[str, Any]:
-        """Shorten ids, mask and positions to the kept tokens; positions stay those of the full sequence."""
+    def compact_args(self, args: dict[str, Any], outer: Compaction, positions_mode: str = "original") -> dict[str, Any]:
+        """Shorten ids, mask and positions to the kept tokens; positions stay those of the full sequence, or are
+        renumbered contiguously (`positions_mode="contiguous"`, 1-D positions only)."""
         args = dict(args)
         ids = args["input_ids"]
         past = args.get(self.cache_name)
@@ -439,6 +452,8 @@ class Adapter:
             # position_ids as boundaries of packed sequences.
             args["attention_mask"] = outer.valid.long()
         args["position_ids"] = outer.gather(positions, fill=1, dim=-1)
+        if positions_mode == "contiguous":
+            args["position_ids"] = renumber_contiguous(args["position_ids"], past_len)
         return args
 
     def pad_token_id(self) -> int:
@@ -487,7 +502,9 @@ class Adapter:
             budgets=budgets,
             num_layers=len(layers),
             eager=self._eager(),
+            flat_masks=self._flat_masks(),
             image_ids=image_ids,
+            contiguous=strategy.positions == "contiguous" and not self.mrope(),
         )
 
     def _llm_selection(self, run: ForwardRun, image_mask: torch.Tensor, counts: list[int]) -> Selection:

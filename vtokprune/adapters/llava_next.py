@@ -127,6 +127,8 @@ class LlavaNextAdapter(LlavaAdapter):
             raise NotImplementedError("vtokprune: LLaVA-NeXT with vision_feature_select_strategy='full'")
         args = dict(args)
         args["return_dict"] = True
+        if strategy.needs & {"hidden", "projector"}:  # inside an outer forward, hidden states are off
+            args["output_hidden_states"] = True
         out, captured = run_with_vision_probes(self, strategy, 1, lambda: original(**args))
         packed = list(out.pooler_output)
         layouts = [self.layout(s) for s in args["image_sizes"]]

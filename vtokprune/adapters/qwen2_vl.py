@@ -67,6 +67,9 @@ class Qwen2VLAdapter(Adapter):
     def feature_layer(self) -> int:
         return self.vision_num_layers() - 1
 
+    def mrope(self) -> bool:
+        return True
+
     def supported_signals(self) -> frozenset[str]:
         return frozenset({"grid"})  # an image's merged tokens form an (h/2, w/2) grid; videos do not
 

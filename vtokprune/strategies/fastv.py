@@ -26,6 +26,10 @@ class FastV(LLMStrategy):
     Vision-Language Models" (ECCV 2024). score_j = (1/H) sum_h A^{(K-1)}_h[last, j], the head-averaged attention the
     last token pays to visual token j in layer K-1; tokens outside the top-k stop at layer K. Paper default: K=2,
     R=50% (half of the visual tokens dropped), which is the budget used when neither keep= nor ratio= is given.
+
+    This follows the official code (pkunlp-icler/FastV), which ranks by the last token's attention row; the paper's
+    text describes the average attention each token receives (from all queries), which the code does not compute.
+    Kept tokens keep their original positions, as in the official code.
     """
 
     layer: int = 2
