@@ -15,8 +15,10 @@ hidden states of layer ``l`` rather than projected features (as the VisionZip pa
 Mechanism: two forward pre-hooks on the tower's layers, registered for one encoder call and active only in the
 context that registered them (a ContextVar), so concurrent calls on the same model stay apart.
 
-Families: LLaVA-1.5 (CLIP-style towers with [CLS]). LLaVA-NeXT (anyres tiles) and InternVL (pixel-shuffle groups) are
-not supported yet, Qwen2-VL has no [CLS]: each raises CapabilityError at apply.
+Families: LLaVA-1.5 (CLIP-style towers with [CLS]); LLaVA-NeXT, tile by tile (see :func:`encode_llava_next`).
+Refused with CapabilityError at apply: Qwen2-VL / 2.5-VL (no [CLS]); InternVL (its 2x2 pixel-shuffle groups could be
+kept whole, but the tower call does not know which tiles form one image, so a per-image budget cannot be split
+there: not supported yet).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from .base import Adapter
 
 _ACTIVE: ContextVar[Any] = ContextVar("vtokprune_in_tower", default=None)
-IN_TOWER_FAMILIES = ("LLaVA-1.5",)
+IN_TOWER_FAMILIES = ("LLaVA-1.5", "LLaVA-NeXT")
 
 
 def validate_strategy(strategy: VisionStrategy) -> None:
@@ -86,22 +88,33 @@ def check_in_tower(adapter: Adapter, strategy: VisionStrategy) -> None:
 
 
 class TowerPruning:
-    """One encoder call's in-tower selection. `choose(patches, signals) -> VisionSelection` picks from the patch
-    hidden states leaving `layer`; the kept rows go on through the tower."""
+    """One encoder call's in-tower selection.
+
+    `choose(patches, signals) -> (carry [P, m], hidden [P, m, D], live [P, m] | None)` picks, from the patch hidden
+    states leaving `layer`, the patches that go on through the tower (indices into the P tower inputs' patches, in
+    ascending order) and their hidden states; `live` False marks padding rows (tiles of one tower batch carry the same
+    count m), which later layers mask out as keys. With `scatter=True` a forward hook on the tower puts every shortened hidden state of its output back at
+    full length (zeros at dropped patches), for models whose feature code needs the whole grid (LLaVA-NeXT packing).
+    """
 
     def __init__(
         self,
         adapter: Adapter,
         strategy: VisionStrategy,
-        choose: Callable[[torch.Tensor, dict[str, dict[int, torch.Tensor]]], VisionSelection],
+        choose: Callable[
+            [torch.Tensor, dict[str, dict[int, torch.Tensor]]], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+        ],
         cls_offset: int = 1,
+        scatter: bool = False,
     ) -> None:
         layer = selection_layer(adapter, strategy)
         assert layer is not None
         self.adapter, self.strategy, self.choose, self.cls_offset = adapter, strategy, choose, cls_offset
-        self.layer = layer
+        self.layer, self.scatter = layer, scatter
         self.captured: dict[str, dict[int, torch.Tensor]] = {}
-        self.selection: VisionSelection | None = None
+        self.carry: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # [P, 1, 1, cls + m] additive key mask of the later layers
+        self.live: torch.Tensor | None = None
         self.tokens = 0  # patch tokens per tower input before the selection
 
     def _select_hook(self, module: Any, args: tuple, kwargs: dict) -> Any:
@@ -110,18 +123,54 @@ class TowerPruning:
         hidden = args[0] if args else kwargs["hidden_states"]
         patches = hidden[:, self.cls_offset :]
         self.tokens = int(patches.shape[1])
-        sel = self.choose(patches, self.captured)
-        self.selection = sel
-        return _replace_hidden(args, kwargs, torch.cat([hidden[:, : self.cls_offset], sel.features.to(hidden.dtype)], 1))
+        self.carry, carried, live = self.choose(patches, self.captured)
+        self.live = live
+        self.mask = None
+        if live is not None and not bool(live.all()):
+            keys = torch.cat([live.new_ones((live.shape[0], self.cls_offset)), live], dim=1)
+            zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+            self.mask = torch.where(keys, zero, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        new = torch.cat([hidden[:, : self.cls_offset], carried.to(hidden.dtype)], 1)
+        return self._mask_hook(module, *_replace_hidden(args, kwargs, new))
+
+    def _mask_hook(self, module: Any, args: tuple, kwargs: dict) -> Any:
+        """Layers after the selection, up to the feature layer: mask the padding rows as keys."""
+        if _ACTIVE.get() is not self or self.mask is None:
+            return None if _ACTIVE.get() is not self else (args, kwargs)
+        if len(args) >= 2:
+            return (args[0], self.mask, *args[2:]), kwargs
+        return args, {**kwargs, "attention_mask": self.mask}
 
     def _drop_hook(self, module: Any, args: tuple, kwargs: dict) -> Any:
         if _ACTIVE.get() is not self:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        return _replace_hidden(args, kwargs, hidden[:, : max(self.cls_offset, 1)])
+        return _replace_hidden(args, kwargs, hidden[:, : self.cls_offset])
+
+    def _full(self, x: Any) -> Any:
+        """[P, cls + m | cls, D] -> [P, cls + tokens, D], zeros at the patches that did not go on."""
+        if not torch.is_tensor(x) or x.dim() != 3 or x.shape[1] == self.cls_offset + self.tokens or self.carry is None:
+            return x
+        full = x.new_zeros((x.shape[0], self.cls_offset + self.tokens, x.shape[2]))
+        full[:, : self.cls_offset] = x[:, : self.cls_offset]
+        if x.shape[1] > self.cls_offset:
+            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(self.carry)
+            live = self.live if self.live is not None else torch.ones_like(self.carry, dtype=torch.bool)
+            cols = self.cls_offset + self.carry.to(x.device)
+            full[rows[live], cols[live]] = x[:, self.cls_offset :][live]
+        return full
+
+    def _scatter_hook(self, module: Any, args: tuple, output: Any) -> Any:
+        if _ACTIVE.get() is not self:
+            return None
+        if getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = tuple(self._full(h) for h in output.hidden_states)
+        if getattr(output, "last_hidden_state", None) is not None:
+            output.last_hidden_state = self._full(output.last_hidden_state)
+        return output
 
     @contextmanager
-    def active(self, layers: Any) -> Iterator[None]:
+    def active(self, layers: Any, tower: Any = None) -> Iterator[None]:
         from .base import vision_probe
 
         adapter, strategy = self.adapter, self.strategy
@@ -131,8 +180,12 @@ class TowerPruning:
         }
         handles = [layers[self.layer + 1].register_forward_pre_hook(self._select_hook, with_kwargs=True)]
         feature = adapter.feature_layer()
+        for i in range(self.layer + 2, feature + 1):
+            handles.append(layers[i].register_forward_pre_hook(self._mask_hook, with_kwargs=True))
         if feature + 1 < len(layers):  # layers nothing reads: run them on [CLS] alone
             handles.append(layers[feature + 1].register_forward_pre_hook(self._drop_hook, with_kwargs=True))
+        if self.scatter:
+            handles.append(tower.register_forward_hook(self._scatter_hook))
         token = _ACTIVE.set(self)
         try:
             with probing(probes):
@@ -147,6 +200,18 @@ def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tu
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def _checked(strategy: VisionStrategy, sel: VisionSelection, n: int, k: int) -> VisionSelection:
+    if sel.indices.shape != (n, k):
+        raise RuntimeError(f"strategy {strategy.name!r} returned {tuple(sel.indices.shape)} indices, expected {(n, k)}")
+    return sel
+
+
+def _carried(run: TowerPruning) -> torch.Tensor:
+    if run.carry is None:
+        raise RuntimeError(f"vtokprune: vision layer {run.layer + 1} never ran, so no in-tower selection was made")
+    return run.carry
 
 
 def _signals_at(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]]) -> Any:
@@ -175,20 +240,16 @@ def encode_llava(adapter: Any, original: Callable[..., Any], args: dict[str, Any
             "in-tower pruning with vision_feature_select_strategy='full' ([CLS] among the features) is not supported"
         )
 
-    def choose(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]]) -> VisionSelection:
+    def choose(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]]) -> Any:
         k = strategy.budget(int(patches.shape[1]))
-        sel = strategy.select(_signals_at(patches, captured), k)
-        if sel.indices.shape != (patches.shape[0], k):
-            raise RuntimeError(f"strategy {strategy.name!r} returned {tuple(sel.indices.shape)} indices, expected k={k}")
-        return sel
+        sel = _checked(strategy, strategy.select(_signals_at(patches, captured), k), patches.shape[0], k)
+        return sel.indices, sel.features, None
 
     run = TowerPruning(adapter, strategy, choose)
     args = dict(args, return_dict=True)
     with run.active(adapter._vision_layers()):
         out = original(**args)
-    if run.selection is None:
-        raise RuntimeError(f"vtokprune: vision layer {run.layer + 1} never ran, so no in-tower selection was made")
-    kept = run.selection.indices
+    kept = _carried(run)
     compact = list(out.pooler_output)  # [k, D] per image
     n_patches = run.tokens
     full = []
@@ -205,3 +266,142 @@ def encode_llava(adapter: Any, original: Callable[..., Any], args: dict[str, Any
     out._vtokprune_encoded = encoded
     return out
 
+
+
+def split_budget(k: int, sizes: list[int]) -> list[int]:
+    """k split over tiles in proportion to their candidate counts (largest remainder, ties to the lower tile),
+    never above a tile's size; sums to k when k <= sum(sizes)."""
+    total = sum(sizes)
+    if total == 0:
+        return [0] * len(sizes)
+    quota = [k * s / total for s in sizes]
+    alloc = [min(int(math.floor(q)), s) for q, s in zip(quota, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(quota[i] - alloc[i]), i))
+    while sum(alloc) < k:
+        for i in order:
+            if sum(alloc) < k and alloc[i] < sizes[i]:
+                alloc[i] += 1
+    return alloc
+
+
+def _select_tile(
+    strategy: VisionStrategy,
+    patches: torch.Tensor,
+    captured: dict[str, dict[int, torch.Tensor]],
+    p: int,
+    cand: torch.Tensor,
+    k: int,
+    side: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile p of the tower batch: the strategy picks k of its candidate patches `cand` -> (patch indices, hidden)."""
+    from ..strategies.base import VisionSignals
+
+    def rows(name: str) -> dict[int, torch.Tensor]:
+        return {layer: x[p : p + 1][:, :, cand] for layer, x in captured.get(name, {}).items()}
+
+    def own(name: str) -> dict[int, torch.Tensor]:
+        return {layer: x[p : p + 1] for layer, x in captured.get(name, {}).items()}
+
+    signals = VisionSignals(
+        features=patches[p : p + 1, cand],
+        grid=(side, side) if cand.numel() == side * side else None,
+        cls_attn=rows("cls_attn"),
+        keys=rows("keys"),
+        values=rows("values"),
+        cls_keys=own("cls_keys"),
+        cls_values=own("cls_values"),
+    )
+    sel = _checked(strategy, strategy.select(signals, k), 1, k)
+    return cand[sel.indices[0]], sel.features[0]
+
+
+def encode_llava_next(
+    adapter: Any, original: Callable[..., Any], args: dict[str, Any], strategy: VisionStrategy
+) -> Any:
+    """LLaVA-NeXT anyres: each tile (base image and crops) is pruned in the tower on its own, among its patches that
+    survive unpadding, with the image's budget split over the tiles in proportion to those counts. Tiles of one
+    tower batch must carry the same number of tokens: a tile with a smaller share carries its next patches in index
+    order as fillers through the later layers (dropped afterwards), so each image keeps exactly its budget."""
+    from .base import EncodedImages
+
+    if adapter._keeps_cls(args):
+        raise CapabilityError("in-tower pruning with vision_feature_select_strategy='full' is not supported")
+    side = adapter._side()
+    hw = side * side
+    layouts = [adapter.layout(s) for s in args["image_sizes"]]
+    cands: list[torch.Tensor] = []
+    budgets: list[int] = []
+    for lay in layouts:
+        crop_of, patch_of = lay.content_src // hw, lay.content_src % hw
+        per_tile = [torch.sort(patch_of[crop_of == c]).values for c in range(lay.crops)]
+        cands += per_tile
+        budgets += split_budget(strategy.budget(int(lay.content_src.numel())), [int(c.numel()) for c in per_tile])
+
+    chosen: list[torch.Tensor] = []
+
+    def choose(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]]) -> Any:
+        if patches.shape[0] != len(cands):
+            raise RuntimeError(f"vtokprune: {patches.shape[0]} tower inputs, but the layouts describe {len(cands)}")
+        device = patches.device
+        tiles = []
+        chosen.clear()
+        for p, (cand, k) in enumerate(zip(cands, budgets)):
+            cand = cand.to(device)
+            idx, feats = _select_tile(strategy, patches, captured, p, cand, k, side) if k else (cand[:0], patches[p, :0])
+            chosen.append(idx.cpu())
+            carry, hidden = idx, feats.to(patches.dtype)
+            if k == cand.numel() and k < hw:  # every candidate kept: the tile runs whole, its padding patches too
+                pad = torch.ones(hw, dtype=torch.bool, device=device)
+                pad[cand] = False
+                rest = torch.nonzero(pad, as_tuple=True)[0]
+                carry, hidden = torch.cat([carry, rest]), torch.cat([hidden, patches[p, rest]])
+            order = torch.sort(carry).indices
+            tiles.append((carry[order], hidden[order]))
+        width = max(int(c.numel()) for c, _ in tiles)
+        carry_all = torch.zeros((len(tiles), width), dtype=torch.long, device=device)
+        hidden_all = patches.new_zeros((len(tiles), width, patches.shape[2]))
+        live = torch.zeros((len(tiles), width), dtype=torch.bool, device=device)
+        for p, (c, h) in enumerate(tiles):
+            n = int(c.numel())
+            # Padding rows: copies of the tile's first carried patch (or patch 0), masked out as keys afterwards.
+            carry_all[p, :n], hidden_all[p, :n], live[p, :n] = c, h, True
+            carry_all[p, n:] = c[0] if n else 0
+            hidden_all[p, n:] = h[0] if n else patches[p, 0]
+        return carry_all, hidden_all, live
+
+    run = TowerPruning(adapter, strategy, choose, scatter=True)
+    args = dict(args, return_dict=True)
+    with run.active(adapter._vision_layers(), adapter.inner.vision_tower):
+        out = original(**args)
+    _carried(run)
+    packed = list(out.pooler_output)
+    features = [p[lay.content_run.to(p.device)] for p, lay in zip(packed, layouts)]
+    kept, kept_feats = [], []
+    start = 0
+    for f, lay in zip(features, layouts):
+        content_of = torch.full((lay.crops * hw,), -1, dtype=torch.long)
+        content_of[lay.content_src] = torch.arange(lay.content_src.numel())
+        flat = torch.cat([c * hw + chosen[start + c] for c in range(lay.crops)])
+        idx = torch.sort(content_of[flat]).values
+        assert bool((idx >= 0).all()), "an in-tower pick fell outside the unpadded image"
+        kept.append(idx.to(f.device))
+        kept_feats.append(f[idx.to(f.device)])
+        start += lay.crops
+    keys_of: dict[tuple[int, ...], int] = {}
+    groups: dict[int, list[int]] = {}
+    for i, (f, lay) in enumerate(zip(features, layouts)):
+        groups.setdefault(keys_of.setdefault((int(f.shape[0]), *lay.signature), len(keys_of)), []).append(i)
+    from ..strategies.base import VisionSignals
+
+    signals = {
+        key: VisionSignals(
+            features=torch.stack([features[i] for i in members]),
+            grid=layouts[members[0]].grid,
+            tiles=layouts[members[0]].tiles,
+        )
+        for key, members in groups.items()
+    }
+    out._vtokprune_encoded = EncodedImages(
+        features=features, signals=signals, groups=groups, layout=(layouts, packed), preselected=(kept, kept_feats)
+    )
+    return out
