@@ -40,8 +40,14 @@ from bench_utils import llava_inputs, llava_model, machine, table, write_json  #
 
 import vtokprune  # noqa: E402
 from vtokprune.errors import VTokPruneError  # noqa: E402
-from vtokprune.strategies.base import LLMContext, LLMStrategy, Strategy, VisionSelection, VisionSignals  # noqa: E402
-from vtokprune.strategies.base import VisionStrategy  # noqa: E402
+from vtokprune.strategies.base import (  # noqa: E402
+    LLMContext,
+    LLMStrategy,
+    Strategy,
+    VisionSelection,
+    VisionSignals,
+    VisionStrategy,  # noqa: E402
+)
 
 GEOMETRIES: dict[str, dict[str, Any]] = {
     "mid": {
@@ -124,8 +130,8 @@ class Config:
 
 def configs(keep: int, available: int, in_tower_layers: tuple[int, ...], overhead: bool) -> list[Config]:
     out = [Config("none", None), Config("ideal", FirstK(keep=keep))]
-    out += [Config(f"ideal@L{l}", FirstKInTower(keep=keep, in_tower_layer=l)) for l in in_tower_layers]
-    for name, cls in vtokprune.available_strategies().items():
+    out += [Config(f"ideal@L{i}", FirstKInTower(keep=keep, in_tower_layer=i)) for i in in_tower_layers]
+    for name in vtokprune.available_strategies():
         if name in SKIP:
             continue
         strategy = vtokprune.get_strategy(name, keep=keep)

@@ -38,8 +38,17 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernel_bench  # noqa: E402
-from bench_utils import build_model, environment, hbm_peak, llava_inputs, llava_model, prompts, table  # noqa: E402
-from bench_utils import time_ms, write_json  # noqa: E402
+from bench_utils import (  # noqa: E402  # noqa: E402
+    build_model,
+    environment,
+    hbm_peak,
+    llava_inputs,
+    llava_model,
+    prompts,
+    table,
+    time_ms,
+    write_json,
+)
 
 import vtokprune  # noqa: E402
 from vtokprune import tiny  # noqa: E402

@@ -79,8 +79,10 @@ def test_in_tower_selection_and_features_match_a_manual_tower_run(model, inputs)
         hs = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
         for i, kept in enumerate(sel.kept):
             h = torch.cat([hs[layer + 1][i : i + 1, :1], hs[layer + 1][i : i + 1, 1 + kept]], dim=1)
-            for blk in tower.vision_model.encoder.layers[layer + 1 : 3] if hasattr(tower, "vision_model") else (
-                tower.encoder.layers[layer + 1 : 3]
+            for blk in (
+                tower.vision_model.encoder.layers[layer + 1 : 3]
+                if hasattr(tower, "vision_model")
+                else (tower.encoder.layers[layer + 1 : 3])
             ):
                 h = blk(h, None)
             expect = model.model.multi_modal_projector(h[:, 1:])[0]
@@ -166,7 +168,7 @@ def test_next_keep_all_is_bit_identical_and_budgets_exact(next_model, next_input
     _, sel = _run(next_model, next_inputs, get_strategy(name, keep=7, in_tower_layer=0))
     assert [int(k.numel()) for k in sel.kept] == [7, 7, 7]
     for kept, available in zip(sel.kept, sel.available):
-        assert bool((kept[1:] > kept[:-1]).all()) and 0 <= int(kept.min()) and int(kept.max()) < available
+        assert bool((kept[1:] > kept[:-1]).all()) and int(kept.min()) >= 0 and int(kept.max()) < available
 
 
 def test_next_batch_equals_single_and_generation_matches_stepwise(next_model, next_inputs):

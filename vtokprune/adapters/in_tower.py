@@ -80,7 +80,7 @@ def check_in_tower(adapter: Adapter, strategy: VisionStrategy) -> None:
             f"layer ({feature}) of this {adapter.vision_num_layers()}-layer tower to prune anything inside it; choose "
             f"a layer in [0, {feature - 1}], or None to prune after the tower"
         )
-    feature_layer = adapter.inner.config.vision_feature_layer
+    feature_layer = adapter.wrapped_module().config.vision_feature_layer
     if not isinstance(feature_layer, int):
         raise CapabilityError(
             f"in-tower pruning needs one vision feature layer; this model concatenates layers {feature_layer}"
@@ -267,7 +267,6 @@ def encode_llava(adapter: Any, original: Callable[..., Any], args: dict[str, Any
     return out
 
 
-
 def split_budget(k: int, sizes: list[int]) -> list[int]:
     """k split over tiles in proportion to their candidate counts (largest remainder, ties to the lower tile),
     never above a tile's size; sums to k when k <= sum(sizes)."""
@@ -347,7 +346,9 @@ def encode_llava_next(
         chosen.clear()
         for p, (cand, k) in enumerate(zip(cands, budgets)):
             cand = cand.to(device)
-            idx, feats = _select_tile(strategy, patches, captured, p, cand, k, side) if k else (cand[:0], patches[p, :0])
+            idx, feats = (
+                _select_tile(strategy, patches, captured, p, cand, k, side) if k else (cand[:0], patches[p, :0])
+            )
             chosen.append(idx.cpu())
             carry, hidden = idx, feats.to(patches.dtype)
             if k == cand.numel() and k < hw:  # every candidate kept: the tile runs whole, its padding patches too

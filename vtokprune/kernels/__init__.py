@@ -103,7 +103,7 @@ def _interpret() -> bool:
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """"torch" or "triton": what a call with this `backend` argument (None = the global choice) runs on `device`."""
+    """ "torch" or "triton": what a call with this `backend` argument (None = the global choice) runs on `device`."""
     if backend is None:
         backend = get_backend()
     if backend not in BACKENDS:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass
 class ScoreGather:
     """Result of :func:`vtokprune.kernels.score_and_gather`.
