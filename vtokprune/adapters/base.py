@@ -41,6 +41,7 @@ class EncodedImages:
     signals: dict[int, VisionSignals]  # group key (the token count T for most families) -> signals of its images
     groups: dict[int, list[int]]  # group key -> indices of those images (all with the same T and layout)
     layout: Any = None  # adapter-private: how each image's tokens sit in its placeholder run (e.g. LLaVA-NeXT)
+    preselected: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (kept, features) chosen in the tower
 
 
 class Adapter:
@@ -80,6 +81,13 @@ class Adapter:
     def mrope(self) -> bool:
         """True for 3-D (M-RoPE) positions, which always keep their original values."""
         return False
+
+    def signal_layer(self, strategy: VisionStrategy) -> int:
+        """The vision layer the strategy selects at: its in-tower layer (adapters/in_tower.py), else feature_layer."""
+        from .in_tower import selection_layer
+
+        layer = selection_layer(self, strategy)
+        return self.feature_layer() if layer is None else layer
 
     def supported_signals(self) -> frozenset[str]:
         """Vision signals (beyond `features`) this adapter can give strategies."""
@@ -162,6 +170,9 @@ class Adapter:
                 "token; choose a strategy without [CLS] (e.g. 'divprune', 'pool', 'fastv')"
             )
         if isinstance(strategy, VisionStrategy):
+            from .in_tower import check_in_tower
+
+            check_in_tower(self, strategy)
             missing = set(strategy.needs) - set(self.supported_signals())
             if missing:
                 raise CapabilityError(
@@ -197,7 +208,7 @@ class Adapter:
             for name, encode in self.encoder_hooks().items():
                 setattr(encoder, name, InstalledHook(_encoder_hook(getattr(encoder, name), encode, strategy)))
                 state.handles.append(("method", (encoder, name)))
-            for layer in strategy.vision_layers(self.vision_num_layers(), self.feature_layer()):
+            for layer in strategy.vision_layers(self.vision_num_layers(), self.signal_layer(strategy)):
                 attn: Any = self.vision_attention(layer)
                 install_probe(attn)
                 state.handles.append(("probe", attn))
@@ -387,6 +398,8 @@ class Adapter:
     def _select(
         self, strategy: VisionStrategy, encoded: EncodedImages
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if encoded.preselected is not None:  # selected inside the vision tower
+            return encoded.preselected
         kept: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
         feats: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
         for key, members in encoded.groups.items():

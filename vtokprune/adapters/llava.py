@@ -11,6 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..strategies.base import VisionSignals, VisionStrategy
+from . import in_tower
 from .base import Adapter, EncodedImages, run_with_vision_probes
 
 
@@ -76,6 +77,8 @@ class LlavaAdapter(Adapter):
         return {k: args.get(k) for k in keys} | {"return_dict": True}
 
     def encode_images(self, original: Callable[..., Any], args: dict[str, Any], strategy: VisionStrategy) -> Any:
+        if strategy.in_tower_layer is not None:
+            return in_tower.encode_llava(self, original, args, strategy)
         cls_offset = 0 if self._keeps_cls(args) else 1
         args = dict(args)
         args["return_dict"] = True

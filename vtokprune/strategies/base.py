@@ -116,11 +116,22 @@ class VisionSelection:
 
 @dataclass(frozen=True)
 class VisionStrategy(Strategy):
+    # Select at this vision layer (0-based, negative counts from the end) and run the later vision layers on the kept
+    # tokens only (vtokprune/adapters/in_tower.py); None: select after the tower. [CLS]-attention strategies only.
+    in_tower_layer: int | None = field(default=None, kw_only=True)
+
     acts: ClassVar[str] = "vision"
     # Which signals the strategy reads, beyond `features`: subset of {"cls_attn", "keys", "values", "hidden"}.
     needs: ClassVar[frozenset[str]] = frozenset()
     # Signals used when the adapter can give them, without refusing models that cannot: subset of {"cls_feature"}.
     wants: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.in_tower_layer is not None:
+            from ..adapters.in_tower import validate_strategy
+
+            validate_strategy(self)
 
     def vision_layers(self, num_layers: int, feature_layer: int) -> tuple[int, ...]:
         """Vision-tower layers whose signals are needed (0-based). Default: the layer that makes the features."""
