@@ -29,10 +29,28 @@ from .strategies import (
     VisionSignals,
     VisionStrategy,
 )
+from .strategies.adaptinfer import AdaptInfer
+from .strategies.cls_multilayer import CLSMultiLayer
+from .strategies.divprune import DivPrune
+from .strategies.flowcut import FlowCut
+from .strategies.holov import HoloV
+from .strategies.pdrop import PyramidDrop
+from .strategies.sparsevlm import SparseVLM
+from .strategies.text_clip import TextCLIP
+from .strategies.visionzip import VisionZip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VisionZip",
+    "TextCLIP",
+    "SparseVLM",
+    "PyramidDrop",
+    "HoloV",
+    "FlowCut",
+    "DivPrune",
+    "CLSMultiLayer",
+    "AdaptInfer",
     "ADAPTERS",
     "BudgetError",
     "CLSAttention",
