@@ -25,6 +25,7 @@ class Stats:
     images: int = 0
     kept_tokens: int = 0
     available_tokens: int = 0
+    text_tokens: int = 0
 
     def summary(self) -> dict[str, float | int | None]:
         return {
@@ -33,6 +34,7 @@ class Stats:
             "ms_per_sample": round(1e3 * self.seconds / self.samples, 3) if self.samples else None,
             "kept_tokens": round(self.kept_tokens / self.images, 2) if self.images else None,
             "available_tokens": round(self.available_tokens / self.images, 2) if self.images else None,
+            "text_tokens": round(self.text_tokens / self.samples, 2) if self.samples else None,
         }
 
 
@@ -191,6 +193,7 @@ class Engine:
         self.stats.samples += n
         self.stats.batches += 1
         self.last_rows = [{"visual_tokens_kept": 0, "visual_tokens_available": 0} for _ in range(n)]
+        self.stats.text_tokens += self._text_tokens()
         if not has_images:
             return
         sel = api.last_selection(self.model) if api.is_pruned(self.model) else None
@@ -210,6 +213,15 @@ class Engine:
             for row, count in enumerate(getattr(self, "_last_images_per_row", [])[:n]):
                 self.last_rows[row]["visual_tokens_kept"] = count * per
                 self.last_rows[row]["visual_tokens_available"] = count * per
+
+    def _text_tokens(self) -> int:
+        """Non-padding, non-image prompt tokens of the last batch (what the language model prefills besides images)."""
+        ids, mask = getattr(self, "_last_ids", None), getattr(self, "_last_mask", None)
+        if ids is None:
+            return 0
+        real = int(mask.sum()) if mask is not None else int(ids.numel())
+        image_id = getattr(self.model.config, "image_token_id", None)
+        return real - (int((ids == image_id).sum()) if image_id is not None else 0)
 
     def _unpruned_image_tokens(self) -> tuple[int, int]:
         ids = getattr(self, "_last_ids", None)
@@ -238,6 +250,7 @@ class Engine:
         inputs = self._encode(prompts, images)
         self._last_ids, self._last_n_images = inputs["input_ids"], sum(len(i) for i in images)
         self._last_images_per_row = [len(i) for i in images]
+        self._last_mask = inputs.get("attention_mask")
         temperature = float(kwargs.pop("temperature", 0) or 0)
         do_sample = bool(kwargs.pop("do_sample", False)) and temperature > 0
         generate_kwargs: dict[str, Any] = {
@@ -278,6 +291,7 @@ class Engine:
         inputs = self._encode(fulls, images)
         self._last_ids, self._last_n_images = inputs["input_ids"], sum(len(i) for i in images)
         self._last_images_per_row = [len(i) for i in images]
+        self._last_mask = inputs.get("attention_mask")
         self._sync()
         start = time.perf_counter()
         logits = self.model(**inputs, use_cache=False).logits
