@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vtokprune
+from vtokprune.compat import cache_from_output, cache_kwargs
 from vtokprune.errors import CapabilityError
 from vtokprune.tiny import (
     IMAGE_TOKEN_ID,
@@ -132,13 +133,13 @@ def _pick(out_logits: torch.Tensor) -> torch.Tensor:
 def stepwise(model: Any, inputs: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
     """Greedy decoding by hand: one prefill, then one token at a time through the KV cache (no position_ids)."""
     out = model(**inputs, use_cache=True)
-    cache, mask = out.past_key_values, inputs["attention_mask"]
+    cache, mask = cache_from_output(out), inputs["attention_mask"]
     tokens, nxt = [], _pick(out.logits)
     for _ in range(steps):
         tokens.append(nxt)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, _pick(out.logits)
+        out = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
+        cache, nxt = cache_from_output(out), _pick(out.logits)
     return torch.cat(tokens, dim=1)
 
 
@@ -259,7 +260,7 @@ def test_kept_tokens_keep_original_positions(family, name):
     try:
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
-        record = model._vtokprune_state.record_for(out.past_key_values)
+        record = model._vtokprune_state.record_for(cache_from_output(out))
         pos, cos = seen["position_ids"], rope["cos"]
     finally:
         vtokprune.remove(model)

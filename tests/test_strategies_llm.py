@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vtokprune
+from vtokprune.compat import cache_from_output, cache_kwargs
 from vtokprune.errors import BudgetError
 from vtokprune.registry import get_strategy
 from vtokprune.strategies.adaptinfer import AdaptInfer, prior_weighted_scores, text_prior
@@ -325,7 +326,7 @@ def _manual_greedy(model, inp: dict, steps: int) -> torch.Tensor:  # type: ignor
         if step == steps - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, **cache_kwargs(cache_from_output(out)), use_cache=True)
     return torch.stack(tokens, dim=1)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from .compaction import Compaction, remap_mask
+from .errors import PruningStateError
 from .probe import attention_rows
 from .strategies.base import LLMContext, LLMStrategy, Strategy
 
@@ -65,6 +67,22 @@ class PrunerState:
         self.records: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
         self.lock = threading.Lock()
         self._local = threading.local()
+        self.calls: Counter[str] = Counter()  # prefill / decode / text_only calls that went through the adapter
+
+    def __reduce__(self) -> Any:
+        from .adapters.hooks import COPY_HINT
+
+        raise PruningStateError(f"vtokprune: {COPY_HINT}")
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return self.__reduce__()
+
+    def set_call_compaction(self, comp: Compaction | None) -> None:
+        """How the last prefill of this thread shortened the sequence the logits cover (None: not at all)."""
+        self._local.compaction = comp
+
+    def call_compaction(self) -> Compaction | None:
+        return getattr(self._local, "compaction", None)
 
     def remember(self, cache: Any, record: CacheRecord) -> None:
         if cache is None:
@@ -111,7 +129,8 @@ class ForwardRun:
         image = self.image_mask if comp is None else comp.gather(self.image_mask, fill=False)
         valid = self.valid if comp is None else comp.gather(self.valid, fill=False)
         positions = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
-        last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values
+        # A row whose attention mask is all zeros has no last token; 0 is as good as any (it has no candidates).
+        last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values.clamp(min=0)
         return LLMContext(
             image_mask=image & valid,
             valid=valid,

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import transformers
 from torch import nn
 
 from ..compaction import Compaction
+from ..compat import cache_from_output, native_cache_name, normalise_cache_args
 from ..errors import CapabilityError, PruningStateError
 from ..probe import attention_rows, install_probe, probing, uninstall_probe
 from ..runtime import CacheRecord, ForwardRun, PrunerState, Selection, active_run, decoder_pre_hook, make_stage_probe
 from ..strategies.base import LLMStrategy, Strategy, VisionSelection, VisionSignals, VisionStrategy
+from .hooks import LabelledForward, PrunedForward, adapter_pass, bypass_guard, check_cache_lengths
 
 
 @dataclass
@@ -176,14 +179,15 @@ class Adapter:
         module = self.wrapped_module()
         original = module.forward
         signature = inspect.signature(original)
-        adapter = self
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            return adapter.pruned_forward(state, original, dict(bound.arguments))
-
-        module.forward = forward  # instance attribute shadows the class method; `del` restores it
+        self.cache_name = native_cache_name(signature.parameters, f"{type(module).__name__}.forward")
+        # instance attribute shadows the class method; `del` restores it
+        module.forward = PrunedForward(self, state, original, signature)
         state.handles.append(("forward", module))
+        top: Any = self.model
+        if top is not module and "labels" in inspect.signature(top.forward).parameters:
+            top.forward = LabelledForward(self, state, top.forward)
+            state.handles.append(("forward", top))
+        self._install_guards(state)
         if isinstance(strategy, VisionStrategy):
             encoder: Any = self.image_encoder_module()
             for name, encode in self.encoder_hooks().items():
@@ -218,10 +222,21 @@ class Adapter:
         state.handles.clear()
 
     # ------------------------------------------------------------------ the wrapped forward
+    def _install_guards(self, state: PrunerState) -> None:
+        """A pre-hook on the first decoder layer that refuses calls which did not come through `pruned_forward`
+        while a filled KV cache is in use: such a call would decode against a pruned cache as if it were whole."""
+        layers: Any = self.decoder_layers()
+        state.handles.append(("hook", layers[0].register_forward_pre_hook(bypass_guard(state), with_kwargs=True)))
+
     def pruned_forward(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
         extra = args.pop("kwargs", None) or {}
         args.update(extra)
-        past = args.get("past_key_values")
+        args = normalise_cache_args(args, self.cache_name)
+        with adapter_pass(state):
+            return self._route(state, original, args)
+
+    def _route(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
+        past = args.get(self.cache_name)
         record = state.record_for(past)
         has_images = self._has_images(args)
         if record is not None:
@@ -230,16 +245,24 @@ class Adapter:
                     "vtokprune: new images after a pruned prefill on the same cache are not supported; "
                     "start a new cache (or call vtokprune.remove(model) for multi-turn image chats)"
                 )
+            state.calls["decode"] += 1
             return self._decode(state, original, args, record)
+        if past is not None and past.get_seq_length() > 0:
+            raise PruningStateError(
+                f"vtokprune: this call continues a KV cache of {past.get_seq_length()} tokens that vtokprune has no "
+                f"record of (filled before vtokprune.apply, by another model, or passed in a way vtokprune did not "
+                f"see; transformers {transformers.__version__}). Decoding on would mix pruned and unpruned state: "
+                "prefill again with a new cache, or call vtokprune.remove(model) to continue it unpruned"
+            )
         ids = args.get("input_ids")
         if not has_images or ids is None or not bool(self.visual_token_mask(ids).any()):
             state.last_selection = None
-            return original(**args)  # text-only input: untouched
-        if past is not None and past.get_seq_length() > 0:
-            raise PruningStateError(
-                "vtokprune: pruning a prefill that continues a filled KV cache is not supported; "
-                "prefill prompt and image together"
-            )
+            state.calls["text_only"] += 1
+            out = original(**args)  # text-only input: untouched, but its cache is known from now on
+            length = (ids if ids is not None else args["inputs_embeds"]).shape[1]
+            state.remember(cache_from_output(out), CacheRecord(outer=None, outer_len=length, lm_len=length))
+            return out
+        state.calls["prefill"] += 1
         return self._prefill(state, original, args)
 
     def _has_images(self, args: dict[str, Any]) -> bool:
@@ -271,6 +294,7 @@ class Adapter:
             args = self.compact_args(args, outer)
             out = self.call_pruned(original, args, run_feats)
             record = CacheRecord(outer=outer, outer_len=outer_len, lm_len=outer.length)
+            compaction: Compaction | None = outer
         else:
             assert isinstance(strategy, LLMStrategy)
             encoded_counts = self.image_token_counts(args)
@@ -281,17 +305,20 @@ class Adapter:
                 out = original(**args)
             record = CacheRecord(outer=None, outer_len=outer_len, lm_len=outer_len, stages=run.new_stages)
             selection = self._llm_selection(run, image_mask, encoded_counts)
+            compaction = run.current
         state.last_selection = selection
-        state.remember(getattr(out, "past_key_values", None), record)
+        state.set_call_compaction(compaction)
+        state.remember(cache_from_output(out), record)
         return out
 
     def _decode(
         self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any], record: CacheRecord
     ) -> Any:
-        past = args["past_key_values"]
+        past = args[self.cache_name]
         past_len = past.get_seq_length()  # layer 0: the LM-level length so far
         ids = args["input_ids"] if args.get("input_ids") is not None else args["inputs_embeds"]
         q = ids.shape[1]
+        check_cache_lengths(record, past, args.get("attention_mask"), q)
         if record.outer is not None:
             outer = record.outer
             done_new = past_len - record.lm_len  # tokens generated after the prefill so far
@@ -390,7 +417,7 @@ class Adapter:
         """Shorten ids, mask and positions to the kept tokens; positions stay those of the full sequence."""
         args = dict(args)
         ids = args["input_ids"]
-        past = args.get("past_key_values")
+        past = args.get(self.cache_name)
         past_len = past.get_seq_length() if past is not None else 0
         positions = args.get("position_ids")
         if positions is None:
