@@ -418,6 +418,16 @@ def check_tasks(tasks: list[str], backend: str) -> None:
         LmmsEvalBackend.check_tasks(tasks)
 
 
+def _params_for(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The --set parameters that apply to strategy `name` alone (for cells added after the plan, e.g. matched)."""
+    import dataclasses
+
+    from .registry import available_strategies
+
+    fields = {f.name for f in dataclasses.fields(available_strategies()[name])}
+    return {k: v for k, v in params.items() if k.partition(".")[0] == name or ("." not in k and k in fields)}
+
+
 def _compute_fields(engine: Any, strategy: Any, cell: dict[str, Any]) -> dict[str, Any]:
     from .compute import compute_record
 
@@ -525,7 +535,8 @@ def run_sweep(
                 strategy = (
                     None
                     if name == "none"
-                    else strategy_of.get((name, budget)) or build_strategies([name], budget.kwargs(), params)[name]
+                    else strategy_of.get((name, budget))
+                    or build_strategies([name], budget.kwargs(), _params_for(name, params))[name]
                 )
                 cell.update(runner.run(task, strategy, limit), status="ok")
                 add_interval(cell)
