@@ -16,6 +16,7 @@ from .errors import (
     UnsupportedModelError,
     VTokPruneError,
 )
+from .loading import load, saved_strategy
 from .registry import available_strategies, get_strategy, register_strategy
 from .runtime import Selection
 from .strategies import (
@@ -75,8 +76,10 @@ __all__ = [
     "get_strategy",
     "is_pruned",
     "last_selection",
+    "load",
     "pruned",
     "register_strategy",
     "remove",
+    "saved_strategy",
     "strategy_of",
 ]
