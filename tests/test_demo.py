@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import vtokprune.demo
 from vtokprune.demo import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -223,6 +225,18 @@ def test_a_failing_request_shows_a_clean_message(tmp_path, monkeypatch, caplog):
     assert answer_request(comparer, [], picture, "what?", ["cls"], 0)[1].startswith("⚠️ Choose a budget")
 
 
+def test_app_has_one_image_widget(tiny_comparer, tmp_path):
+    gr = pytest.importorskip("gradio")
+    from vtokprune.demo import build_app
+
+    app = build_app(tiny_comparer, str(tmp_path))
+    images = [b for b in app.blocks.values() if isinstance(b, gr.Image)]
+    assert len(images) == 1 and images[0].elem_id == "vtp-upload"
+    assert images[0].preprocess(None) is None  # the upload reaches load_upload undecoded
+    assert not list(Path(vtokprune.demo.__file__).parent.glob("*.pyi"))  # Gradio wrote no stub into the package
+    assert not [b for b in app.blocks.values() if isinstance(b, gr.File)]
+
+
 def test_check_question():
     assert check_question("  what colour?  ") == "what colour?"
     for bad in (None, "", "   \n"):
@@ -330,14 +344,15 @@ def test_demo_in_a_real_browser(served_app, tiny_comparer, tmp_path):
             status = page.locator("#vtp-status")
             upload_note = page.locator("#vtp-upload-note")
             upload = page.locator("#vtp-upload input[type=file]")
-            assert page.locator("[id^=vtp] img, #vtp-upload").count() >= 1
-            assert page.locator(".image-container, [data-testid=image]").count() <= 1  # one image widget
-            # files that are not pictures: the message appears right under the image widget, no traceback
-            for not_a_picture in (notes, fake, strip):
+            upload.wait_for(state="attached", timeout=30_000)
+            # not an image file at all: Gradio's own file-type check answers, with the file's name
+            upload.set_input_files(str(notes))
+            expect(page.locator(".toast-body").first).to_contain_text("notes.txt", timeout=20_000)
+            # files that are not pictures the model can take: removed, the reason right under the widget
+            for not_a_picture, message in ((fake, "not an image"), (strip, "at most 20 times")):
                 upload.set_input_files(str(not_a_picture))
-                expect(upload_note).to_contain_text(
-                    "at most 20 times" if not_a_picture == strip else "not an image", timeout=20_000
-                )
+                expect(upload_note).to_contain_text(message, timeout=20_000)
+                expect(page.locator("#vtp-upload img")).to_have_count(0, timeout=20_000)
             upload.set_input_files(str(picture))
             expect(upload_note).not_to_contain_text("⚠️", timeout=20_000)
             expect(page.locator("#vtp-upload img")).to_be_visible(timeout=20_000)  # the picture itself, once

@@ -582,15 +582,20 @@ def example_images(folder: str | os.PathLike[str]) -> list[tuple[str, str, str |
 FAILED = "⚠️ Something went wrong while running the model; the details are in the server's log."
 
 
-def _handle_upload(path: str | None) -> str:
-    """The upload's checks run as soon as it arrives: a refused picture is named under the image at once."""
+def _handle_upload(path: str | None) -> tuple[Any, str]:
+    """The upload's checks run as soon as it arrives: a refused picture is removed from the widget and the reason
+    shown right under it. Returns (the widget's new value, the message)."""
     if not path:
-        return ""
+        return None, ""
     try:
         load_upload(path)
     except DemoInputError as e:
-        return f"⚠️ {e}"
-    return ""
+        return None, f"⚠️ {e}"
+    return path, ""
+
+
+def _raw_upload_path(payload: Any) -> str | None:
+    return None if payload is None or getattr(payload, "path", None) is None else str(payload.path)
 
 
 def _expected_answer(examples: Sequence[tuple[str, str, str | None]], path: str | None, question: str) -> str | None:
@@ -632,15 +637,6 @@ def build_app(comparer: Comparer, examples_dir: str | None = None) -> Any:
     """The Gradio Blocks app around `comparer` (not launched)."""
     import gradio as gr
 
-    class _RawImage(gr.Image):
-        """gr.Image whose server side hands over the uploaded file untouched (Gradio would open it with PIL first),
-        so that every check in `load_upload` runs, with its message, before anything is decoded."""
-
-        is_template = True  # the browser side is gr.Image's
-
-        def preprocess(self, payload: Any) -> str | None:
-            return None if payload is None or payload.path is None else str(payload.path)
-
     tokens = comparer.tokens or 576
     examples = example_images(examples_dir or tempfile.mkdtemp(prefix="vtokprune-demo-"))
 
@@ -657,13 +653,17 @@ def build_app(comparer: Comparer, examples_dir: str | None = None) -> Any:
         )
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                upload = _RawImage(
+                upload = gr.Image(
                     label="Image (PNG, JPEG, WebP; up to 20 MB and 20 MP)",
                     type="filepath",
                     sources=["upload", "clipboard"],
                     height=240,
                     elem_id="vtp-upload",
                 )
+                # Gradio would open the upload with PIL first; hand over the file untouched instead, so that every
+                # check in `load_upload` runs, with its message, before anything is decoded. (An instance attribute:
+                # subclassing a Gradio component makes Gradio write a .pyi stub beside this module.)
+                upload.preprocess = _raw_upload_path  # type: ignore[method-assign]
                 upload_note = gr.Markdown(elem_id="vtp-upload-note")
                 question = gr.Textbox(label="Question", placeholder="What is in the image?", elem_id="vtp-question")
                 strategies = gr.CheckboxGroup(
@@ -693,7 +693,8 @@ def build_app(comparer: Comparer, examples_dir: str | None = None) -> Any:
                         gr.Markdown(skipped)
             with gr.Column(scale=3):
                 results = gr.HTML(elem_id="vtp-results")
-        upload.change(_handle_upload, inputs=upload, outputs=upload_note)
+        upload.upload(_handle_upload, inputs=upload, outputs=[upload, upload_note])  # user uploads, not examples
+        upload.clear(lambda: "", outputs=upload_note)
         for event in (button.click, question.submit):
             event(run, inputs=[upload, question, strategies, keep], outputs=[results, status], concurrency_limit=1)
     return app
