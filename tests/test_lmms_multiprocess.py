@@ -90,3 +90,35 @@ def test_bad_model_args_exit_nonzero(tmp_path, model_args, message):
     proc = _lmms_eval([sys.executable, "-m"], model_args + ",device=cpu", tmp_path / "out", tmp_path)
     assert proc.returncode != 0
     assert "vtokprune: error: " in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sweep_hands_its_lmms_eval_cells_to_torchrun(tmp_path):
+    """`vtokprune sweep --backend lmms-eval --processes 2` relaunches itself under torchrun: same accuracies as one
+    process, one results file written by rank 0, which records the world size."""
+    common = ["--backend", "lmms-eval", "--strategies", "cls", "--budgets", "64", "--limit", "6", "--batch-size", "2"]
+    common += ["--device", "cpu", "--dtype", "float32", "--no-plots"]
+    cells = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "vtokprune.cli",
+            "sweep",
+            *common,
+            "--out",
+            str(out),
+            "--processes",
+            str(processes),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        data = json.loads((out / "results.json").read_text())
+        assert data["environment"]["world_size"] == processes
+        cells[processes] = {c["strategy"]: c for c in data["cells"]}
+    for strategy in ("none", "cls"):
+        one, two = cells[1][strategy], cells[2][strategy]
+        assert one["status"] == two["status"] == "ok" and one["samples"] == two["samples"] == 6
+        assert one["accuracy"] == two["accuracy"] and one["ci_low"] == two["ci_low"]
+    assert cells[2]["cls"]["kept_tokens"] == 64

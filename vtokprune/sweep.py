@@ -332,6 +332,7 @@ class LmmsEvalBackend:
             log_samples=False,
             verbosity="WARNING",
             bootstrap_iters=0,
+            distributed_executor_backend="torchrun" if _distributed() else "accelerate",  # as lmms-eval's CLI does
         )
         if results is None:  # non-zero ranks under accelerate
             return {"accuracy": None, "metric": None, "samples": 0}
@@ -397,6 +398,12 @@ def _progress(total: int, quiet: bool) -> Any:
         return tqdm(total=total, desc="sweep", unit="cell")
     except ImportError:
         return None
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _rank() -> int:

@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
@@ -131,12 +132,16 @@ class VTokPruneLMM(lmms):
         if world > 1 and not device_map:
             from accelerate import Accelerator
 
-            # one process per device: accelerate picks this rank's GPU (cuda:LOCAL_RANK), or the CPU when there is none
+            # One process per device: this rank's GPU (cuda:LOCAL_RANK), or the CPU when there is none. Rank and world
+            # come from the launcher's environment (torchrun / accelerate launch): on CPU, accelerate reports a single
+            # process although the gloo group spans them all.
             self._accelerator = Accelerator()
-            if device in (None, "", "auto", "cuda") or self._accelerator.device.type != "cpu":
-                device = str(self._accelerator.device)
-            self._rank = self._accelerator.process_index
-            self._world_size = self._accelerator.num_processes
+            if torch.cuda.is_available() and str(device or "cuda") in ("", "auto", "cuda"):
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            elif device in (None, "", "auto"):
+                device = "cpu"
+            self._rank = int(os.environ.get("RANK", "0"))
+            self._world_size = world
         model, processor, description = load_model(
             None if pretrained is None else str(pretrained),
             dtype=dtype,
