@@ -13,8 +13,14 @@ token counts (``64``) or fractions of each image's tokens (``0.25``). The unprun
 
 Backends: ``inprocess`` (default; vtokprune's own loop, local tasks ``vtokprune_toy`` and ``vtokprune_toy_mc`` only,
 no lmms-eval needed) and ``lmms-eval`` (any lmms-eval task, through ``lmms_eval.evaluator.simple_evaluate`` with
-the ``vtokprune`` model loaded once and re-pruned per cell). For many GPUs, run single cells with lmms-eval under
-``accelerate launch`` (see :mod:`vtokprune.lmms.model`).
+the ``vtokprune`` model loaded once and re-pruned per cell). ``--processes N`` runs the lmms-eval backend
+data-parallel under torchrun (or start ``torchrun ... -m vtokprune.cli sweep ...`` yourself, multi-node included);
+only rank 0 writes files.
+
+Every accuracy carries its 95% Wilson interval and n; every result its equal-compute fields (average visual tokens
+over decoder layers, analytic prefill TFLOPs: :mod:`vtokprune.compute`), and ``--match-compute`` re-runs the pre-LLM
+strategies at each in-LLM result's equivalent keep. ``results.json`` records the environment and the random-floor
+check (:mod:`vtokprune.reporting`). A sweep in which no pruned cell succeeded exits 1.
 """
 
 from __future__ import annotations

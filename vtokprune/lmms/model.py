@@ -9,14 +9,24 @@ model), ``strategy`` (a registered name, default ``none``), ``keep`` or ``ratio`
 ``device``, ``device_map``, ``attn_implementation``, ``batch_size``, ``system_prompt``; any other key is passed
 to the strategy (``strategy=fastv,keep=64,layer=2``).
 
-Data parallel on several GPUs or nodes, through accelerate (each process holds one copy of the model, lmms-eval
-shards the documents by rank and gathers the results):
+Bad arguments (unknown strategy, ``keep=4.5``, ``keep=abc``, a budget or strategy parameter without a strategy)
+raise before the model loads; under the lmms-eval command they stop it with exit status 2 (lmms-eval itself logs
+model errors and exits 0).
 
-    accelerate launch --num_processes 8 -m lmms_eval --model vtokprune \\
+With ``--log_samples``, every sample's ``token_counts`` has ``visual_tokens_kept`` / ``visual_tokens_available``,
+``strategy`` (the resolved config, every field) and ``rank``; ``results["throughput"]`` has the averages
+(``avg_visual_tokens_kept``) over every rank. :meth:`VTokPruneLMM.strategy_record` gives the same as a dict.
+
+Data parallel on any device (one model copy per process; lmms-eval deals the documents round-robin by rank and
+gathers the results; each process takes ``cuda:LOCAL_RANK``, or the CPU when there is no GPU)::
+
+    torchrun --nproc_per_node 8 -m lmms_eval --model vtokprune \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,strategy=visionzip,keep=64,dtype=bfloat16 \\
         --tasks pope,gqa --batch_size 8 --output_path logs/
-
-(multi-node: add ``--num_machines N --machine_rank R --main_process_ip HOST --main_process_port PORT``).
+    # or: accelerate launch --num_processes 8 -m lmms_eval ...   (GPUs)
+    # CPU: torchrun --nproc_per_node 2 -m lmms_eval --model vtokprune --model_args ...,device=cpu ...  (gloo)
+    # multi-node, on each node: torchrun --nnodes N --node_rank R --nproc_per_node 8 --master_addr HOST0 \\
+    #     --master_port 29500 -m lmms_eval ...
 """
 
 from __future__ import annotations
