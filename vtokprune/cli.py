@@ -215,23 +215,46 @@ def _run(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             reference, base_ms = _timed_generate(model, inputs, args.max_new_tokens, args.repeat)
             full = "-" if available is None else f"{available}/{available}"
-            rows.append(("none (unpruned)", full, _answer(processor, reference, inputs), base_ms))
+            per_layer = _per_layer(model, None, available)
+            rows.append(("none (unpruned)", full, per_layer, _answer(processor, reference, inputs), base_ms))
             for name, strategy in strategies.items():
                 with api.pruned(model, strategy):
                     out, ms = _timed_generate(model, inputs, args.max_new_tokens, args.repeat)
                     sel = api.last_selection(model)
                 kept = "-" if sel is None else f"{sum(len(k) for k in sel.kept)}/{sum(sel.available)}"
-                rows.append((repr(strategy) if args.verbose else name, kept, _answer(processor, out, inputs), ms))
+                label = repr(strategy) if args.verbose else name
+                per_layer = _per_layer(model, strategy, available)
+                rows.append((label, kept, per_layer, _answer(processor, out, inputs), ms))
     width = max(len(r[0]) for r in rows)
     mark_col = expected is not None
-    print(f"\n{'strategy':<{width}}  {'kept':>9}  {'generate ms':>11}  " + ("mark   " if mark_col else "") + "answer")
-    for name, kept, answer, ms in rows:
+    print(
+        f"\n{'strategy':<{width}}  {'kept':>9}  {'per layer':>9}  {'generate ms':>11}  "
+        + ("mark   " if mark_col else "")
+        + "answer"
+    )
+    for name, kept, per_layer, answer, ms in rows:
         mark = ""
         if mark_col:
             mark = f"{'right' if _is_right(answer, expected) else 'wrong':<7}"
-        print(f"{name:<{width}}  {kept:>9}  {ms:>11.1f}  {mark}{answer}")
-    print(f"\n(generate ms: median of {args.repeat} calls after one warm-up; kept: visual tokens kept / available)")
+        print(f"{name:<{width}}  {kept:>9}  {per_layer:>9}  {ms:>11.1f}  {mark}{answer}")
+    print(
+        f"\n(kept: visual tokens kept / available, after the last stage for in-LLM strategies; per layer: visual "
+        f"tokens averaged over decoder layers, the equal-compute count; generate ms: median of {args.repeat} calls "
+        "after one warm-up)"
+    )
     return 0
+
+
+def _per_layer(model: Any, strategy: Any, available: int | None) -> str:
+    from .compute import DecoderShape, average_visual_tokens
+
+    if not available:
+        return "-"
+    try:
+        layers = DecoderShape.from_config(model.config).num_layers
+        return f"{average_visual_tokens(strategy, layers, available):.0f}"
+    except (AttributeError, TypeError, ValueError, VTokPruneError):
+        return "-"
 
 
 def _answer(processor: Any, out: Any, inputs: dict) -> str:
