@@ -96,7 +96,8 @@ def test_pdrop_rejects(kwargs: dict) -> None:
 def test_sparsevlm_adaptinfer_schedule() -> None:
     assert SparseVLM(keep=64).schedule(32, 576) == {2: 277, 6: 133, 15: 64}
     assert SparseVLM(keep=64).schedule(4, 576) == {1: 133, 2: 64}
-    assert SparseVLM().schedule(32, 576) == {2: 576, 6: 576, 15: 576}  # no budget: keep everything
+    with pytest.raises(BudgetError, match="no budget"):
+        SparseVLM().schedule(32, 576)  # no budget is never a silent keep-all
     assert AdaptInfer(keep=64).schedule(32, 576) == {2: 64}
     assert AdaptInfer(keep=64).schedule(4, 576) == {1: 64}
     assert AdaptInfer(keep=8, layers=(2, 12)).schedule(32, 32) == {2: 16, 12: 8}

@@ -26,11 +26,15 @@ def apply(model: M, strategy: Strategy | str, fallback: Strategy | str | None = 
     `model(**inputs)` and `model.generate(**inputs)` work as before. `strategy` is a Strategy config or a registered
     name (`apply(model, "cls", keep=64)`). If anything fails, the model is left exactly as it was.
 
+    A strategy given no budget gets its paper's default (`FastV` -> ratio=0.5, `PyramidDrop` -> lam=0.5; see each
+    class's `default_budget`) and `strategy_of(model)` shows it; strategies whose paper states none raise BudgetError.
+    `apply(model, "none")` is the explicit way to keep every token.
+
     `fallback`: a strategy (or name, given the same budget) to use instead when the model cannot serve `strategy`
     (e.g. `cls` on Qwen2-VL, whose vision tower has no [CLS]); a warning names the substitution. Without it, such a
     model raises CapabilityError.
     """
-    resolved = get_strategy(strategy, **strategy_kwargs)
+    resolved = get_strategy(strategy, **strategy_kwargs).with_default_budget()
     if getattr(model, _STATE_ATTR, None) is not None:
         raise PruningStateError(
             f"this model is already pruned with {model._vtokprune_state.strategy!r}; "  # type: ignore[union-attr]
@@ -44,7 +48,7 @@ def apply(model: M, strategy: Strategy | str, fallback: Strategy | str | None = 
             raise
         substitute = (
             get_strategy(fallback, keep=resolved.keep, ratio=resolved.ratio) if isinstance(fallback, str) else fallback
-        )
+        ).with_default_budget()
         adapter.check(substitute)
         warnings.warn(f"vtokprune: {e}; falling back to {substitute!r} as asked", stacklevel=2)
         resolved = substitute

@@ -30,7 +30,7 @@ from ..errors import CapabilityError, PruningStateError
 from ..probe import attention_rows, install_probe, probing, uninstall_probe
 from ..runtime import CacheRecord, ForwardRun, PrunerState, Selection, active_run, decoder_pre_hook, make_stage_probe
 from ..strategies.base import LLMStrategy, Strategy, VisionSelection, VisionSignals, VisionStrategy
-from .hooks import LabelledForward, PrunedForward, adapter_pass, bypass_guard, check_cache_lengths
+from .hooks import InstalledHook, LabelledForward, PrunedForward, adapter_pass, bypass_guard, check_cache_lengths
 
 
 @dataclass
@@ -191,7 +191,7 @@ class Adapter:
         if isinstance(strategy, VisionStrategy):
             encoder: Any = self.image_encoder_module()
             for name, encode in self.encoder_hooks().items():
-                setattr(encoder, name, _encoder_hook(getattr(encoder, name), encode, strategy))
+                setattr(encoder, name, InstalledHook(_encoder_hook(getattr(encoder, name), encode, strategy)))
                 state.handles.append(("method", (encoder, name)))
             for layer in strategy.vision_layers(self.vision_num_layers(), self.feature_layer()):
                 attn: Any = self.vision_attention(layer)
@@ -205,7 +205,10 @@ class Adapter:
                 state.handles.append(("probe", attn))
             for i, decoder_layer in enumerate(layers):
                 state.handles.append(
-                    ("hook", decoder_layer.register_forward_pre_hook(decoder_pre_hook(i), with_kwargs=True))
+                    (
+                        "hook",
+                        decoder_layer.register_forward_pre_hook(InstalledHook(decoder_pre_hook(i)), with_kwargs=True),
+                    )
                 )
 
     def uninstall(self, state: PrunerState) -> None:
@@ -226,7 +229,8 @@ class Adapter:
         """A pre-hook on the first decoder layer that refuses calls which did not come through `pruned_forward`
         while a filled KV cache is in use: such a call would decode against a pruned cache as if it were whole."""
         layers: Any = self.decoder_layers()
-        state.handles.append(("hook", layers[0].register_forward_pre_hook(bypass_guard(state), with_kwargs=True)))
+        guard = InstalledHook(bypass_guard(state))
+        state.handles.append(("hook", layers[0].register_forward_pre_hook(guard, with_kwargs=True)))
 
     def pruned_forward(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
         extra = args.pop("kwargs", None) or {}

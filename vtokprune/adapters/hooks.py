@@ -36,6 +36,16 @@ class _Installed:
         raise PruningStateError(f"vtokprune: {COPY_HINT}")
 
 
+class InstalledHook(_Installed):
+    """A hook or method vtokprune installs on a model; refuses pickling / deep copies (see COPY_HINT)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
 class PrunedForward(_Installed):
     """Replaces the multimodal module's `forward`: every call goes through `adapter.pruned_forward`."""
 

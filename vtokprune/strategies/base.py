@@ -13,12 +13,14 @@ Two kinds exist, told apart by `acts`:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from ..budget import resolve_budget, validate_budget
+from ..budget import normalise_budget, resolve_budget, validate_budget
+from ..errors import BudgetError
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,31 @@ class Strategy:
     name: ClassVar[str] = ""
     acts: ClassVar[str] = "vision"
     paper: ClassVar[str] = ""
+    # The budget the paper (or its official code) states as the default, used when neither keep= nor ratio= is given,
+    # e.g. {"ratio": 0.5}. None: the paper states none, and a strategy without a budget is refused.
+    default_budget: ClassVar[dict[str, Any] | None] = None
 
     def __post_init__(self) -> None:
+        keep, ratio = normalise_budget(self.keep, self.ratio)
+        object.__setattr__(self, "keep", keep)
+        object.__setattr__(self, "ratio", ratio)
         validate_budget(self.keep, self.ratio)
+
+    def has_budget(self) -> bool:
+        """Whether the config says how many tokens survive (subclasses with their own budget fields override)."""
+        return self.keep is not None or self.ratio is not None
+
+    def with_default_budget(self) -> Strategy:
+        """This config, with the paper's default budget filled in if none was given; raises if the paper has none."""
+        if self.has_budget():
+            return self
+        if self.default_budget is None:
+            raise BudgetError(
+                f"strategy {self.name!r} needs a budget: pass keep= (visual tokens per image, e.g. keep=64) or "
+                f"ratio= (fraction kept, e.g. ratio=0.25); its paper states no single default. To keep every token "
+                "use the 'none' strategy"
+            )
+        return dataclasses.replace(self, **self.default_budget)
 
     def budget(self, available: int) -> int:
         """Tokens to keep out of `available` visual tokens of one image."""

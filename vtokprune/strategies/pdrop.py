@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -148,6 +150,13 @@ class PyramidDrop(LLMStrategy):
                 raise BudgetError(f"pdrop: give one of keep=, ratio=, lam=; got {', '.join(given)}")
             if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 < self.lam <= 1.0:
                 raise BudgetError(f"pdrop lam must be in (0, 1], got {self.lam!r}")
+
+    def has_budget(self) -> bool:
+        return True  # nothing given means the paper's lambda = 0.5 (see stage_counts)
+
+    def with_default_budget(self) -> PyramidDrop:
+        given = (self.keep, self.ratio, self.lam, self.fractions)
+        return self if any(v is not None for v in given) else dataclasses.replace(self, lam=self.default_lam)
 
     def stage_counts(self, available: int) -> tuple[tuple[int, ...], list[int]]:
         """(layers in reference depth, tokens per image kept from each on), before scaling to the model."""
