@@ -88,12 +88,6 @@ def test_pruned_repr_is_one_header_line_then_the_model():
     assert repr(vtokprune.remove(model)).startswith("LlavaForConditionalGeneration(")
 
 
-@pytest.mark.xfail(
-    reason="core: adapters/hooks.py bypass_guard returns a local function, which pickle meets before the state's "
-    "__reduce__ (lead's part of #13)",
-    raises=AttributeError,
-    strict=False,
-)
 def test_pickle_and_torch_save_of_a_pruned_model_name_the_fix(tmp_path):
     model = vtokprune.apply(tiny_llava(seed=0), "cls", keep=4)
     with pytest.raises(vtokprune.PruningStateError, match=r"vtokprune.remove\(model\) first"):
