@@ -77,3 +77,9 @@ def test_run_table_marks_answers_and_stays_quiet(capsys):
     assert rows[1].split()[2] == "64"  # cls: 64 visual tokens at every decoder layer
     assert "median of 1 calls after one warm-up" in out and "per layer" in out
     assert "[transformers]" not in captured.out + captured.err and "Warning" not in captured.err
+
+
+def test_strategies_without_a_budget_use_the_paper_default_or_fail_before_loading():
+    assert cli.build_strategies(["fastv"], {}, {})["fastv"].ratio == vtokprune.FastV.default_budget["ratio"]
+    with pytest.raises(vtokprune.BudgetError, match="needs a budget"):
+        cli.build_strategies(["cls"], {}, {})

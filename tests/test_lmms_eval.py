@@ -113,6 +113,7 @@ def test_loglikelihood_end_to_end(lm, task_manager):
         ("keep=4", vtokprune.VTokPruneError, "without a pruning strategy"),
         ("strategy=none,layer=2", vtokprune.VTokPruneError, "without a pruning strategy"),
         ("strategy=nope", vtokprune.UnknownStrategyError, "unknown strategy"),
+        ("strategy=cls", vtokprune.BudgetError, "needs a budget"),
     ],
 )
 def test_bad_model_args_fail_before_loading(monkeypatch, model_args, error, message):
@@ -121,6 +122,14 @@ def test_bad_model_args_fail_before_loading(monkeypatch, model_args, error, mess
     monkeypatch.setattr(lmms_model, "load_model", lambda *a, **k: pytest.fail("model loaded before the args check"))
     with pytest.raises(error, match=message):
         VTokPruneLMM.create_from_arg_string(model_args + ",device=cpu")
+
+
+def test_paper_default_budget_is_recorded(monkeypatch):
+    import vtokprune.lmms.model as lmms_model
+
+    monkeypatch.setattr(lmms_model, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    resolved = VTokPruneLMM._resolve("fastv", {}, {})
+    assert resolved.ratio == vtokprune.FastV.default_budget["ratio"]
 
 
 def test_strategy_record(lm):

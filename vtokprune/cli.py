@@ -135,7 +135,9 @@ def build_strategies(
         kwargs.update({k.rpartition(".")[2]: v for k, v in params.items() if k.rpartition(".")[0] == name})
         if name != "none":
             kwargs.update(budget)
-        strategies[name] = get_strategy(name, **kwargs)
+            strategies[name] = get_strategy(name, **kwargs).with_default_budget()
+        else:
+            strategies[name] = get_strategy(name, **kwargs)
     return strategies
 
 

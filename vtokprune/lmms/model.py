@@ -187,7 +187,7 @@ class VTokPruneLMM(lmms):
             if budget or strategy_kwargs:
                 raise VTokPruneError(f"model_args {sorted({**budget, **strategy_kwargs})} need a pruning strategy")
             return None
-        return get_strategy(name, **budget, **strategy_kwargs)
+        return get_strategy(name, **budget, **strategy_kwargs).with_default_budget()  # the paper's, or BudgetError
 
     def set_strategy(self, strategy: Any = "none", **kwargs: Any) -> None:
         """Switch the pruning strategy (a Strategy, or a name with budget/keyword arguments) without reloading."""
