@@ -11,6 +11,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .errors import CapabilityError, PruningStateError
+from .loading import forget_strategy, record_strategy
 from .registry import get_strategy
 from .runtime import PrunerState, Selection
 from .strategies.base import LLMStrategy, Strategy
@@ -65,6 +66,7 @@ def apply(model: M, strategy: Strategy | str, fallback: Strategy | str | None = 
         adapter.uninstall(state)
         raise
     setattr(model, _STATE_ATTR, state)
+    record_strategy(model, resolved)  # save_pretrained writes it; the repr names it
     return model
 
 
@@ -75,6 +77,7 @@ def remove(model: M) -> M:
         return model
     state.adapter.uninstall(state)
     delattr(model, _STATE_ATTR)
+    forget_strategy(model)
     return model
 
 
