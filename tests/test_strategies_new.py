@@ -308,7 +308,9 @@ def _register_fake_flash() -> None:
         assert attention_mask is None or attention_mask.dim() == 2, "flash attention only ever gets 2-D masks"
         lq, lk = query.shape[2], key.shape[2]
         causal = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
-        mask = causal[None, None] if attention_mask is None else causal[None, None] & attention_mask.bool()[:, None, None]
+        mask = (
+            causal[None, None] if attention_mask is None else causal[None, None] & attention_mask.bool()[:, None, None]
+        )
         return sdpa_attention_forward(module, query, key, value, mask.expand(query.shape[0], 1, lq, lk), **kwargs)
 
     AttentionInterface.register(FAKE_FLASH, fake_flash)

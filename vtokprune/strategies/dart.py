@@ -117,9 +117,7 @@ class DART(LLMStrategy):
                 k = int(budget[b, j])
                 if k == 0 or not bool(visual.any()):
                     continue
-                kept = dart_select_one(
-                    hidden[b], scores[b], visual, text, k, self.image_pivots, self.text_pivots
-                )
+                kept = dart_select_one(hidden[b], scores[b], visual, text, k, self.image_pivots, self.text_pivots)
                 # selection order as descending scores, so the runtime's per-image top-k keeps exactly `kept`
                 out[b, kept] = torch.arange(kept.numel(), 0, -1, device=scores.device, dtype=torch.float32)
         return out

@@ -157,5 +157,7 @@ class HoloV(VisionStrategy):
             return VisionSelection(torch.arange(t, device=feats.device).expand(n, t), feats)
         attn = cls_attention_scores(signals.cls_attn[max(signals.cls_attn)])
         crops = self.crop_indices(signals)
-        idx = torch.stack([holov_select_one(feats[i], attn[i], crops, k, float(self.alpha), self.rank_by) for i in range(n)])
+        idx = torch.stack(
+            [holov_select_one(feats[i], attn[i], crops, k, float(self.alpha), self.rank_by) for i in range(n)]
+        )
         return VisionSelection(idx, gather_tokens(feats, idx))

@@ -88,7 +88,11 @@ class ZOOPrune(VisionStrategy):
         super().__post_init__()
         for field_name in ("perturbations", "seed"):
             value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if field_name == "perturbations" else 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (1 if field_name == "perturbations" else 0)
+            ):
                 raise BudgetError(f"zoo {field_name} must be a non-negative int (perturbations >= 1), got {value!r}")
         eps = self.epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
