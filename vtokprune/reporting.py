@@ -22,7 +22,9 @@ def wilson_interval(accuracy: float, n: int, z: float = Z95) -> tuple[float, flo
     denom = 1 + z * z / n
     centre = (accuracy + z * z / (2 * n)) / denom
     half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends: floating point leaves 1 - 1e-16 where the closed form gives 1
+    return (0.0 if accuracy == 0.0 else low), (1.0 if accuracy == 1.0 else high)
 
 
 def add_interval(cell: dict[str, Any]) -> dict[str, Any]:
