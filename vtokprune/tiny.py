@@ -23,17 +23,22 @@ def tiny_llava(
     text_layers: int = 4,
     vision_layers: int = 3,
     dtype: torch.dtype = torch.float32,
+    tower: str = "clip",
     **text_overrides: Any,
 ) -> Any:
-    """LlavaForConditionalGeneration with a CLIP tower ((image_size/patch_size)^2 tokens) and a small Llama."""
+    """LlavaForConditionalGeneration with a small Llama and a `tower` ("clip", "dinov2" or "siglip": the last has
+    no [CLS], so every patch is kept) giving (image_size/patch_size)^2 image tokens."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    towers = {"clip": _clip_vision, "dinov2": _dinov2_vision, "siglip": _siglip_vision}
+    if tower not in towers:
+        raise ValueError(f"unknown tower {tower!r}; choose one of {sorted(towers)}")
     config = LlavaConfig(  # type: ignore[call-arg]
-        vision_config=_clip_vision(vision_layers, image_size, patch_size),
+        vision_config=towers[tower](vision_layers, image_size, patch_size),
         text_config=LlamaConfig(**_text_kwargs(text_layers, **text_overrides)),
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy="full" if tower == "siglip" else "default",
         pad_token_id=PAD_TOKEN_ID,
     )
     config._attn_implementation = attn_implementation
@@ -53,6 +58,38 @@ def _clip_vision(layers: int, image_size: int, patch_size: int) -> Any:
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=32,
+    )
+
+
+def tiny_llava_dinov2(seed: int = 0, **kwargs: Any) -> Any:
+    """tiny_llava with a DINOv2 tower (layer scale, `encoder.layer[i].attention`, [CLS] in `embeddings.cls_token`)."""
+    return tiny_llava(seed=seed, tower="dinov2", **kwargs)
+
+
+def _dinov2_vision(layers: int, image_size: int, patch_size: int) -> Any:
+    from transformers import Dinov2Config
+
+    return Dinov2Config(
+        hidden_size=32,
+        mlp_ratio=2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        layerscale_value=1.0,
+    )
+
+
+def _siglip_vision(layers: int, image_size: int, patch_size: int) -> Any:
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
     )
 
 

@@ -13,6 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..strategies.base import VisionSignals, VisionStrategy
 from . import in_tower
 from .base import Adapter, EncodedImages, run_with_vision_probes
+from .vit_layout import block_attention, has_cls_token, vision_blocks
 
 
 class LlavaAdapter(Adapter):
@@ -37,12 +38,10 @@ class LlavaAdapter(Adapter):
         return int(self.inner.config.image_token_id)
 
     def _vision_layers(self) -> Any:
-        tower = self.inner.vision_tower
-        tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel in transformers 4.x wraps a vision_model
-        return tower.encoder.layers
+        return vision_blocks(self.inner.vision_tower)  # CLIP, SigLIP, DINOv2, ViT layouts
 
     def vision_attention(self, layer: int) -> Any:
-        return self._vision_layers()[layer].self_attn
+        return block_attention(self._vision_layers()[layer])
 
     def vision_num_layers(self) -> int:
         return len(self._vision_layers())
@@ -61,7 +60,7 @@ class LlavaAdapter(Adapter):
         return max(self._feature_hidden_index() - 1, 0)
 
     def has_cls(self) -> bool:
-        return True
+        return has_cls_token(self.inner.vision_tower)  # SigLIP towers have none
 
     def supported_signals(self) -> frozenset[str]:
         # the projector maps each feature-layer token alone to one LLM token only in plain LLaVA-1.5
