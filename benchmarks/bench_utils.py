@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmark scripts (CUDA events on a GPU, perf_counter on the CPU)."""
+"""Helpers shared by the benchmark scripts: timing (CUDA events on a GPU, perf_counter on the CPU), random-weight
+LLaVA models of a given geometry and their inputs, the machine description, tables and JSON."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from vtokprune import tiny
+
+PROMPT_VOCAB = (10, 90)  # text ids that are no special token in any of our configs
 
 # Peak HBM bandwidth (bytes/s) of the GPUs we expect to meet, matched on the device name.
 HBM_PEAK = [
@@ -75,6 +81,84 @@ def environment(device: torch.device) -> dict[str, Any]:
     except ImportError:
         env["triton"] = None
     return env
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_sha() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """environment() plus what a CPU timing depends on: CPU model, cores, threads, load average, git sha."""
+    env = environment(device)
+    env.update(
+        cpu=cpu_model(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        git_sha=git_sha(),
+        kernel_backend=os.environ.get("VTOKPRUNE_KERNEL_BACKEND", "auto"),
+    )
+    return env
+
+
+# ------------------------------------------------------------------ random-weight models and inputs
+
+
+def build_model(cls: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """`cls(config)` created directly on `device` in `dtype`, eval mode, greedy generation without EOS."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    model.generation_config.pad_token_id = tiny.PAD_TOKEN_ID
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def llava_model(vision: dict[str, Any], text: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+    """LlavaForConditionalGeneration: CLIP tower `vision`, Llama `text` (config kwargs), features from layer -2."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(  # type: ignore[call-arg]
+        vision_config=CLIPVisionConfig(hidden_act="quick_gelu", **vision),
+        text_config=LlamaConfig(pad_token_id=tiny.PAD_TOKEN_ID, **text),
+        image_token_id=tiny.IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tiny.PAD_TOKEN_ID,
+    )
+    config._attn_implementation = "sdpa"
+    return build_model(LlavaForConditionalGeneration, config, device, dtype)
+
+
+def prompts(batch: int, text_tokens: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(*PROMPT_VOCAB, (batch, text_tokens), generator=g).tolist()
+
+
+def llava_inputs(model: Any, batch: int, text_tokens: int) -> dict[str, torch.Tensor]:
+    return tiny.llava_inputs(model, prompts(batch, text_tokens), images=1)
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

@@ -38,38 +38,31 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernel_bench  # noqa: E402
-from bench_utils import environment, hbm_peak, table, time_ms, write_json  # noqa: E402
+from bench_utils import (  # noqa: E402  # noqa: E402
+    build_model,
+    environment,
+    hbm_peak,
+    llava_inputs,
+    llava_model,
+    prompts,
+    table,
+    time_ms,
+    write_json,
+)
 
 import vtokprune  # noqa: E402
 from vtokprune import tiny  # noqa: E402
 from vtokprune.errors import VTokPruneError  # noqa: E402
 from vtokprune.kernels import score_and_gather, triton_available  # noqa: E402
 
-PROMPT_VOCAB = (10, 90)  # text ids that are no special token in any of our configs
 IMAGE_TOKENS = [576]  # visual tokens per image (a square grid); 144 in --smoke
 
 
 # ------------------------------------------------------------------ models
 
 
-def _build(cls: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
-    model.generation_config.pad_token_id = tiny.PAD_TOKEN_ID
-    model.generation_config.eos_token_id = None
-    return model
-
-
 def llava_7b(device: torch.device, dtype: torch.dtype) -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
+    vision = dict(
         hidden_size=1024,
         intermediate_size=4096,
         num_hidden_layers=24,
@@ -77,9 +70,8 @@ def llava_7b(device: torch.device, dtype: torch.dtype) -> Any:
         image_size=336,
         patch_size=14,
         projection_dim=768,
-        hidden_act="quick_gelu",
     )
-    text = LlamaConfig(
+    text = dict(
         vocab_size=32064,
         hidden_size=4096,
         intermediate_size=11008,
@@ -88,18 +80,8 @@ def llava_7b(device: torch.device, dtype: torch.dtype) -> Any:
         num_key_value_heads=32,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
-        pad_token_id=tiny.PAD_TOKEN_ID,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tiny.IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=tiny.PAD_TOKEN_ID,
-    )
-    config._attn_implementation = "sdpa"
-    return _build(LlavaForConditionalGeneration, config, device, dtype)
+    return llava_model(vision, text, device, dtype)
 
 
 def qwen25_vl_7b(device: torch.device, dtype: torch.dtype) -> Any:
@@ -139,21 +121,12 @@ def qwen25_vl_7b(device: torch.device, dtype: torch.dtype) -> Any:
         pad_token_id=tiny.PAD_TOKEN_ID,
     )
     config._attn_implementation = "sdpa"
-    return _build(Qwen2_5_VLForConditionalGeneration, config, device, dtype)
-
-
-def _prompts(batch: int, text_tokens: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(*PROMPT_VOCAB, (batch, text_tokens), generator=g).tolist()
-
-
-def llava_inputs(model: Any, batch: int, text_tokens: int) -> dict[str, torch.Tensor]:
-    return tiny.llava_inputs(model, _prompts(batch, text_tokens), images=1)
+    return build_model(Qwen2_5_VLForConditionalGeneration, config, device, dtype)
 
 
 def qwen_inputs(model: Any, batch: int, text_tokens: int) -> dict[str, torch.Tensor]:
     side = model.config.vision_config.spatial_merge_size * math.isqrt(IMAGE_TOKENS[0])
-    return tiny.qwen_inputs(model, _prompts(batch, text_tokens), images=[[(1, side, side)]] * batch)
+    return tiny.qwen_inputs(model, prompts(batch, text_tokens), images=[[(1, side, side)]] * batch)
 
 
 def models(smoke: bool, device: torch.device, dtype: torch.dtype) -> dict[str, tuple[Any, Any, str]]:

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     comparer.warmup()
     port = free_port()
     app = launch(comparer, "127.0.0.1", port, block=False)
-    image, question = example_images(tempfile.mkdtemp(prefix="vtokprune-shot-"))[0]
+    image, question, _ = example_images(tempfile.mkdtemp(prefix="vtokprune-shot-"))[0]
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vtokprune.compat import cache_from_output, cache_kwargs
 from vtokprune.tiny import IMAGE_TOKEN_ID
 
 
@@ -18,7 +19,7 @@ def _pick(logits: torch.Tensor) -> torch.Tensor:
 def stepwise_greedy(model, inputs: dict, steps: int) -> torch.Tensor:
     """Greedy decoding by hand: one prefill, then one token at a time through the KV cache, growing the mask."""
     out = model(**inputs, use_cache=True)
-    cache = out.past_key_values
+    cache = cache_from_output(out)
     mask = inputs.get("attention_mask")
     tokens = []
     nxt = _pick(out.logits)
@@ -26,8 +27,8 @@ def stepwise_greedy(model, inputs: dict, steps: int) -> torch.Tensor:
         tokens.append(nxt)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
+        cache = cache_from_output(out)
         nxt = _pick(out.logits)
     return torch.cat(tokens, dim=1)
 

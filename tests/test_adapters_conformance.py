@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vtokprune
+from vtokprune.compat import cache_from_output, cache_kwargs
 from vtokprune.errors import CapabilityError
 from vtokprune.tiny import (
     IMAGE_TOKEN_ID,
@@ -132,13 +133,13 @@ def _pick(out_logits: torch.Tensor) -> torch.Tensor:
 def stepwise(model: Any, inputs: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
     """Greedy decoding by hand: one prefill, then one token at a time through the KV cache (no position_ids)."""
     out = model(**inputs, use_cache=True)
-    cache, mask = out.past_key_values, inputs["attention_mask"]
+    cache, mask = cache_from_output(out), inputs["attention_mask"]
     tokens, nxt = [], _pick(out.logits)
     for _ in range(steps):
         tokens.append(nxt)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, _pick(out.logits)
+        out = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
+        cache, nxt = cache_from_output(out), _pick(out.logits)
     return torch.cat(tokens, dim=1)
 
 
@@ -253,13 +254,13 @@ def test_kept_tokens_keep_original_positions(family, name):
     ref_pos, ref_cos = seen["position_ids"], rope["cos"]
     if ref_pos is None:  # the model's default: 0..L-1
         ref_pos = torch.arange(ids.shape[1]).expand_as(ids)
-    apply_or_skip(model, strategy_for(name, keep=K))
+    apply_or_skip(model, strategy_for(name, keep=K, positions="original"))
     seen, handle = _capture_lm(model)  # registered after apply: runs after vtokprune's own layer hooks
     rope, rope_handle = _capture_rope(model)
     try:
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
-        record = model._vtokprune_state.record_for(out.past_key_values)
+        record = model._vtokprune_state.record_for(cache_from_output(out))
         pos, cos = seen["position_ids"], rope["cos"]
     finally:
         vtokprune.remove(model)
@@ -287,6 +288,50 @@ def test_kept_tokens_keep_original_positions(family, name):
         )
         mask = slot_ok if pos.dim() == 2 else slot_ok[None].expand_as(pos)
         assert torch.equal(pos[mask], gathered[mask])
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_contiguous_positions(family, name):
+    """positions="contiguous": the kept tokens are numbered as if the pruned sequence were the input (1-D RoPE);
+    M-RoPE models keep their 3-D positions (a documented no-op)."""
+    fam, model = family
+    _, inputs = case(fam, model, name)
+    ids = inputs["input_ids"]
+    rope, rope_handle = _capture_rope(model)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=True)
+    finally:
+        rope_handle.remove()
+    ref_cos = rope["cos"].expand(ids.shape[0], -1, -1)
+    apply_or_skip(model, strategy_for(name, keep=K, positions="contiguous"))
+    rope, rope_handle = _capture_rope(model)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        record = model._vtokprune_state.record_for(cache_from_output(out))
+        cos = rope["cos"].expand(ids.shape[0], -1, -1)
+    finally:
+        vtokprune.remove(model)
+        rope_handle.remove()
+    comp = record.outer if record.outer is not None else (record.stages[-1].comp if record.stages else None)
+    if comp is None:
+        assert name == "none"
+        return
+    if vtokprune.get_adapter(model).mrope():
+        assert not record.contiguous
+        return
+    valid = inputs["attention_mask"].bool()
+    real = comp.valid & valid.gather(1, comp.cols.clamp(min=0))
+    for b in range(ids.shape[0]):
+        n = int(real[b].sum())
+        first = int(torch.nonzero(valid[b])[0])
+        slots = cos[b][real[b]]
+        if record.outer is not None:  # pre-LLM: position = compact slot, as an unpruned input of that length
+            want = ref_cos[b][torch.nonzero(real[b]).flatten()]
+        else:  # in-LLM: consecutive from the row's first real position
+            want = ref_cos[b][first : first + n]
+        torch.testing.assert_close(slots, want)
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

@@ -77,7 +77,7 @@ def test_exact_budget_and_ratio(sdpa_model):
 
 
 def test_kept_tokens_keep_original_positions(sdpa_model):
-    """The language model sees the kept tokens at the positions they had in the unpruned sequence."""
+    """With positions="original" the language model sees the kept tokens at their unpruned positions."""
     seen = {}
 
     def grab(module, args, kwargs):
@@ -87,7 +87,7 @@ def test_kept_tokens_keep_original_positions(sdpa_model):
     handle = sdpa_model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         inputs = llava_inputs(sdpa_model, [[5, 6, 7], [8]], images=[1, 1])
-        with vtokprune.pruned(sdpa_model, vtokprune.CLSAttention(keep=4)):
+        with vtokprune.pruned(sdpa_model, vtokprune.CLSAttention(keep=4, positions="original")):
             logits(sdpa_model, inputs)
             kept = vtokprune.last_selection(sdpa_model).kept
     finally:
@@ -112,7 +112,7 @@ def test_positions_follow_generate_left_padding(sdpa_model):
     inputs = llava_inputs(sdpa_model, [[5, 6, 7, 8, 9], [10]], images=[1, 1])
     handle = sdpa_model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with vtokprune.pruned(sdpa_model, vtokprune.CLSAttention(keep=4)):
+        with vtokprune.pruned(sdpa_model, vtokprune.CLSAttention(keep=4, positions="original")):
             generate_new(sdpa_model, inputs, 3)
             kept = vtokprune.last_selection(sdpa_model).kept
     finally:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import vtokprune.demo
 from vtokprune.demo import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -179,6 +181,62 @@ def test_load_upload_refuses_decompression_bombs_and_truncated_files(tmp_path, m
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
 
 
+def test_load_upload_refuses_absurd_aspect_ratios(tmp_path):
+    """A 1x100000 PNG (a few hundred bytes) is refused, not squeezed into a black square."""
+    path = _png(tmp_path / "strip.png", size=(1, 100_000), mode="1")
+    assert os.path.getsize(path) < 20_000
+    with pytest.raises(DemoInputError, match="1x100000 pixels.*at most 20 times"):
+        load_upload(path)
+    assert load_upload(_png(tmp_path / "wide.png", size=(400, 20))).size == (400, 20)  # 20:1 is still a picture
+
+
+def test_examples_carry_their_right_answers_and_results_mark_them(tmp_path):
+    from vtokprune.demo import _expected_answer, example_images
+
+    examples = example_images(tmp_path)
+    assert examples and all(os.path.exists(p) and q for p, q, _ in examples)
+    path, question, answer = examples[0]
+    assert answer  # toy-world scenes know their answer
+    assert _expected_answer(examples, "/gradio/cache/abc/" + os.path.basename(path), question) == answer
+    assert _expected_answer(examples, path, "another question?") is None
+    outcomes = [
+        Outcome("cls", answer=answer, kept=4, available=16),
+        Outcome("pool", answer="zzz", kept=4, available=16),
+    ]
+    page = render_results(outcomes, question, expected=answer)
+    assert "right answer: <b>" in page and page.count('class="vtp-mark"') == 2
+    assert ">right</span>" in page and ">wrong</span>" in page
+    assert "vtp-mark" not in render_results(outcomes, question)
+
+
+def test_a_failing_request_shows_a_clean_message(tmp_path, monkeypatch, caplog):
+    from vtokprune.demo import FAILED, answer_request
+
+    comparer = Comparer(tiny_llava(seed=0), None, "tiny", max_new_tokens=1)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert at /secret/path.py:12")
+
+    monkeypatch.setattr(comparer, "compare", boom)
+    picture = _png(tmp_path / "p.png")
+    results, status = answer_request(comparer, [], picture, "what?", ["cls"], 4)
+    assert results == "" and status == FAILED and "secret" not in status and "RuntimeError" not in status
+    assert "secret" in caplog.text  # the details are in the server's log
+    assert answer_request(comparer, [], picture, "what?", ["cls"], 0)[1].startswith("⚠️ Choose a budget")
+
+
+def test_app_has_one_image_widget(tiny_comparer, tmp_path):
+    gr = pytest.importorskip("gradio")
+    from vtokprune.demo import build_app
+
+    app = build_app(tiny_comparer, str(tmp_path))
+    images = [b for b in app.blocks.values() if isinstance(b, gr.Image)]
+    assert len(images) == 1 and images[0].elem_id == "vtp-upload"
+    assert images[0].preprocess(None) is None  # the upload reaches load_upload undecoded
+    assert not list(Path(vtokprune.demo.__file__).parent.glob("*.pyi"))  # Gradio wrote no stub into the package
+    assert not [b for b in app.blocks.values() if isinstance(b, gr.File)]
+
+
 def test_check_question():
     assert check_question("  what colour?  ") == "what colour?"
     for bad in (None, "", "   \n"):
@@ -275,6 +333,8 @@ def test_demo_in_a_real_browser(served_app, tiny_comparer, tmp_path):
     fake.write_text("this is not a picture")
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
+    strip = tmp_path / "strip.png"
+    Image.new("1", (1, 100_000)).save(strip)
     chosen = tiny_comparer.default_strategies
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -282,20 +342,20 @@ def test_demo_in_a_real_browser(served_app, tiny_comparer, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(served_app, wait_until="domcontentloaded")
             status = page.locator("#vtp-status")
+            upload_note = page.locator("#vtp-upload-note")
             upload = page.locator("#vtp-upload input[type=file]")
-            clear = page.locator("#vtp-upload button[aria-label='Clear']").first
+            upload.wait_for(state="attached", timeout=30_000)
             # not an image file at all: Gradio's own file-type check answers, with the file's name
             upload.set_input_files(str(notes))
             expect(page.locator(".toast-body").first).to_contain_text("notes.txt", timeout=20_000)
-            clear.click()
-            # a file that is not an image: a message, no traceback
-            upload.set_input_files(str(fake))
-            expect(status).to_contain_text("not an image", timeout=20_000)
-            clear.click()
+            # files that are not pictures the model can take: removed, the reason right under the widget
+            for not_a_picture, message in ((fake, "not an image"), (strip, "at most 20 times")):
+                upload.set_input_files(str(not_a_picture))
+                expect(upload_note).to_contain_text(message, timeout=20_000)
+                expect(page.locator("#vtp-upload img")).to_have_count(0, timeout=20_000)
             upload.set_input_files(str(picture))
-            expect(status).not_to_contain_text("not an image", timeout=20_000)
-            # the upload's own event has answered (its preview is shown) before the next click
-            expect(page.locator("#vtp-preview img")).to_be_visible(timeout=20_000)
+            expect(upload_note).not_to_contain_text("⚠️", timeout=20_000)
+            expect(page.locator("#vtp-upload img")).to_be_visible(timeout=20_000)  # the picture itself, once
             # no question yet
             page.locator("#vtp-run").click()
             expect(status).to_contain_text("Type a question", timeout=20_000)
@@ -320,5 +380,7 @@ def test_demo_in_a_real_browser(served_app, tiny_comparer, tmp_path):
             page.locator("#vtp-run").click()
             expect(page.locator(".vtp-question")).to_contain_text(question, timeout=60_000)
             expect(cards).to_have_count(len(chosen) + 1)
+            expect(page.locator(".vtp-expected")).to_be_visible()  # the example's right answer, and a mark per card
+            expect(page.locator(".vtp-mark")).to_have_count(len(chosen) + 1)
         finally:
             browser.close()

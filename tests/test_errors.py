@@ -125,7 +125,7 @@ def test_pickle_weights_are_refused(tmp_path):
     m = tiny_llava(seed=0)
     m.config.save_pretrained(tmp_path)
     torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(OSError):
+    with pytest.raises(vtokprune.VTokPruneError, match="pickle"):
         load_pretrained(str(tmp_path))
 
 

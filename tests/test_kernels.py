@@ -19,7 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vtokprune.kernels import resolve_backend, score_and_gather  # noqa: E402
+from vtokprune.kernels import attention_probs, resolve_backend, score_and_gather  # noqa: E402
 from vtokprune.probe import attention_rows  # noqa: E402
 from vtokprune.selection import gather_tokens, topk_indices  # noqa: E402
 
@@ -253,3 +253,89 @@ def test_package_imports_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refused" in out.stdout
+
+
+# ------------------------------------------------------------------ attention rows, gather, backend choice
+
+
+def _probs_cases(device):
+    """(name, q, k, kwargs) for attention_probs: odd shapes, GQA, masks, a fully masked row, context, lse."""
+    g = torch.Generator().manual_seed(7)
+    b, h, hkv, r, t, d = 3, 6, 2, 5, 41, 24
+    q = torch.randn(b, h, r, d, generator=g).to(device) * 2
+    k = torch.randn(b, hkv, t, d, generator=g).to(device)
+    mask = torch.rand(b, 1, r, t, generator=g) > 0.3
+    mask[1, 0, 2] = False  # a fully masked row
+    lse = (torch.randn(b, h, r, generator=g) + 5).to(device)
+    ctx = torch.randn(b, hkv, 3, d, generator=g).to(device)
+    return [
+        ("plain", q, k, {}),
+        ("mask", q, k, {"key_mask": mask.to(device)}),
+        ("context", q, k, {"context_k": ctx, "scaling": 0.2}),
+        ("lse", q, k, {"lse": lse}),
+        ("T577", q[:, :, :1], torch.randn(b, hkv, 577, d, generator=g).to(device), {}),
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _probs_cases("cpu")])
+def test_triton_attention_probs_matches_reference(kind, case):
+    device = _device_for(kind)
+    _, q, k, kw = _probs_cases(device)[case]
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    ref = attention_probs(q, k, backend="torch", **kw)
+    out = torch.full(shape, float("nan"), device=device)
+    got = attention_probs(q, k, out=out, backend="triton", **kw)
+    assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+    if "key_mask" in kw:
+        assert bool((ref[1, :, 2] == 0).all())  # the fully masked row contributes nothing, in both backends
+    elif "context_k" not in kw and "lse" not in kw:
+        torch.testing.assert_close(ref.sum(-1), torch.ones(shape[:3], device=device))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_attention_rows_and_gather_match_torch(kind):
+    device = _device_for(kind)
+    g = torch.Generator().manual_seed(8)
+    b, h, hkv, length, d = 2, 4, 2, 29, 16
+    query = torch.randn(b, h, length, d, generator=g).to(device)
+    key = torch.randn(b, hkv, length, d, generator=g).to(device)
+    rows = torch.tensor([[28, 3, 0], [17, 17, 5]], device=device)
+    pad = torch.ones(b, 1, length, length, dtype=torch.bool).tril()
+    pad[1, :, :, :4] = False  # left padding of sample 1
+    for mask, causal in ((None, True), (None, False), (pad.to(device), True)):
+        ref = attention_rows(query, key, mask, rows, None, causal, backend="torch")
+        got = attention_rows(query, key, mask, rows, None, causal, backend="triton")
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+    x = torch.randn(3, 37, 33, generator=g).to(device)
+    idx = torch.tensor([[0, 5, 36], [1, 2, 3], [36, 35, 0]], device=device)
+    from vtokprune.kernels.triton_score_gather import gather_triton
+
+    out = torch.full((3, 3, 33), float("nan"), device=device)
+    got_x, _ = gather_triton(x, idx, None, out_x=out)
+    assert got_x.data_ptr() == out.data_ptr()
+    assert torch.equal(got_x, gather_tokens(x, idx, backend="torch"))
+    assert torch.equal(gather_tokens(x, idx, backend="triton"), gather_tokens(x, idx, backend="torch"))
+
+
+def test_backend_choice_global_env_and_per_call(monkeypatch):
+    import vtokprune.kernels as kn
+
+    monkeypatch.delenv(kn.BACKEND_ENV, raising=False)
+    assert kn.get_backend() == "auto"
+    monkeypatch.setenv(kn.BACKEND_ENV, "torch")
+    assert kn.get_backend() == "torch"
+    monkeypatch.setenv(kn.BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match=kn.BACKEND_ENV):
+        kn.get_backend()
+    monkeypatch.setenv(kn.BACKEND_ENV, "torch")
+    with kn.use_backend("triton"):
+        assert kn.get_backend() == "triton"
+        with kn.use_backend("torch"):
+            assert kn.resolve_backend(None, torch.device("cpu")) == "torch"
+    assert kn.get_backend() == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        kn.set_backend("cuda")
+    # a per-call backend wins over the global one
+    assert kn.resolve_backend("torch", torch.device("cpu")) == "torch"

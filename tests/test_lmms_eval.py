@@ -74,6 +74,11 @@ def test_generate_until_end_to_end(lm, task_manager):
     assert 0.0 <= metrics["exact_match,none"] <= 1.0
     samples = results["samples"]["vtokprune_toy"]
     assert len(samples) == 6 and all(isinstance(s["filtered_resps"][0], str) for s in samples)
+    for s in samples:  # kept visual tokens per sample, and what was evaluated
+        counts = s["token_counts"][0]
+        assert counts["strategy"].startswith("VisionZip(") and "ratio=0.25" in counts["strategy"]
+        assert 0 < counts["visual_tokens_kept"] <= counts["visual_tokens_available"]
+    assert results["throughput"]["avg_visual_tokens_kept"] > 0
     stats = lm.engine.stats.summary()
     available = stats["available_tokens"]  # per image: 576 for the shipped toy model, 16 for the tiny fallback
     assert available in (16, 576)
@@ -95,6 +100,42 @@ def test_loglikelihood_end_to_end(lm, task_manager):
     assert 0.0 <= results["results"]["vtokprune_toy_mc"]["acc,none"] <= 1.0
     resps = results["samples"]["vtokprune_toy_mc"][0]["filtered_resps"]
     assert len(resps) == 20 and all(isinstance(r[0], float) and r[0] > 0 for r in resps)
+
+
+@pytest.mark.parametrize(
+    ("model_args", "error", "message"),
+    [
+        ("strategy=cls,keep=4.5", vtokprune.BudgetError, "keep=4.5 is not a whole number"),
+        ("strategy=cls,keep=abc", vtokprune.BudgetError, "keep='abc'"),
+        ("strategy=cls,ratio=abc", vtokprune.BudgetError, "ratio='abc'"),
+        ("strategy=cls,ratio=2", vtokprune.BudgetError, "ratio must be in"),
+        ("strategy=cls,keep=4,ratio=0.5", vtokprune.BudgetError, "not both"),
+        ("keep=4", vtokprune.VTokPruneError, "without a pruning strategy"),
+        ("strategy=none,layer=2", vtokprune.VTokPruneError, "without a pruning strategy"),
+        ("strategy=nope", vtokprune.UnknownStrategyError, "unknown strategy"),
+        ("strategy=cls", vtokprune.BudgetError, "needs a budget"),
+    ],
+)
+def test_bad_model_args_fail_before_loading(monkeypatch, model_args, error, message):
+    import vtokprune.lmms.model as lmms_model
+
+    monkeypatch.setattr(lmms_model, "load_model", lambda *a, **k: pytest.fail("model loaded before the args check"))
+    with pytest.raises(error, match=message):
+        VTokPruneLMM.create_from_arg_string(model_args + ",device=cpu")
+
+
+def test_paper_default_budget_is_recorded(monkeypatch):
+    import vtokprune.lmms.model as lmms_model
+
+    monkeypatch.setattr(lmms_model, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    resolved = VTokPruneLMM._resolve("fastv", {}, {})
+    assert resolved.ratio == vtokprune.FastV.default_budget["ratio"]
+
+
+def test_strategy_record(lm):
+    record = lm.strategy_record()
+    assert record["vtokprune_version"] == vtokprune.__version__ and record["strategy"] == "visionzip"
+    assert record["strategy_fields"]["ratio"] == 0.25 and "keep" in record["strategy_fields"]
 
 
 def test_strategy_switch_without_reload(lm):

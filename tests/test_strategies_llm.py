@@ -6,12 +6,22 @@ import pytest
 import torch
 
 import vtokprune
+from vtokprune.compat import cache_from_output, cache_kwargs
 from vtokprune.errors import BudgetError
 from vtokprune.registry import get_strategy
 from vtokprune.strategies.adaptinfer import AdaptInfer, prior_weighted_scores, text_prior
 from vtokprune.strategies.base import LLMContext
 from vtokprune.strategies.pdrop import PyramidDrop, geometric_counts, pyramid_counts, scale_layer
-from vtokprune.strategies.sparsevlm import SparseVLM, rater_mask, rater_scores, recycle_pruned, text_query_rows
+from vtokprune.strategies.sparsevlm import (
+    SparseVLM,
+    embedding_raters,
+    masked_query_rows,
+    mean_row_scores,
+    rater_mask,
+    rater_scores,
+    recycle_pruned,
+    text_query_rows,
+)
 from vtokprune.tiny import llava_inputs, tiny_llava
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -93,9 +103,10 @@ def test_pdrop_rejects(kwargs: dict) -> None:
 
 
 def test_sparsevlm_adaptinfer_schedule() -> None:
-    assert SparseVLM(keep=64).schedule(32, 576) == {2: 277, 6: 133, 15: 64}
+    assert SparseVLM(keep=64).schedule(32, 576) == {3: 277, 7: 133, 16: 64}  # official 2/6/15, pruned after
     assert SparseVLM(keep=64).schedule(4, 576) == {1: 133, 2: 64}
-    assert SparseVLM().schedule(32, 576) == {2: 576, 6: 576, 15: 576}  # no budget: keep everything
+    with pytest.raises(BudgetError, match="no budget"):
+        SparseVLM().schedule(32, 576)  # no budget is never a silent keep-all
     assert AdaptInfer(keep=64).schedule(32, 576) == {2: 64}
     assert AdaptInfer(keep=64).schedule(4, 576) == {1: 64}
     assert AdaptInfer(keep=8, layers=(2, 12)).schedule(32, 32) == {2: 16, 12: 8}
@@ -325,7 +336,7 @@ def _manual_greedy(model, inp: dict, steps: int) -> torch.Tensor:  # type: ignor
         if step == steps - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, **cache_kwargs(cache_from_output(out)), use_cache=True)
     return torch.stack(tokens, dim=1)
 
 
@@ -337,3 +348,88 @@ def test_generate_matches_manual_loop(model, name: str, kwargs: dict, batch: int
         gen = model.generate(**inp, max_new_tokens=4, do_sample=False)
         manual = _manual_greedy(model, inp, 4)
     assert torch.equal(gen[:, -4:], manual)
+
+
+# ------------------------------------------------------------------------------------------------ PyramidDrop, official
+
+
+def test_pyramid_counts_floor_like_the_official_int() -> None:
+    assert pyramid_counts(15, 2, 0.5) == [7, 3]  # int(7.5), int(3.75)
+    assert pyramid_counts(15, 2, 0.5, "half_up") == [8, 4]
+    assert PyramidDrop(layers=(2, 4), reference_layers=None).schedule(8, 15) == {2: 7, 4: 3}
+    with pytest.raises(BudgetError):
+        PyramidDrop(rounding="up")
+    with pytest.raises(BudgetError):
+        PyramidDrop(score_layer="next")
+
+
+def _official_pdrop_scores(model, inp: dict, layer: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The official ranking re-created: layer K's own q/k on its (unpruned) input, the last token's attention row."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    out = model(**inp, output_hidden_states=True)
+    h = out.hidden_states[layer]  # input of decoder layer `layer`
+    block = lm.layers[layer]
+    x = block.input_layernorm(h)
+    attn = block.self_attn
+    b, length, _ = x.shape
+    d = attn.head_dim
+    q = attn.q_proj(x).view(b, length, -1, d).transpose(1, 2)
+    k = attn.k_proj(x).view(b, length, -1, d).transpose(1, 2)
+    cos, sin = lm.rotary_emb(h, torch.arange(length)[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q[:, :, -1:] @ k.transpose(-1, -2)) * d**-0.5
+    return torch.softmax(logits.float(), dim=-1)[:, :, 0].mean(dim=1)  # [B, L]
+
+
+@pytest.mark.parametrize("score_layer", ["stage", "previous"])
+def test_pdrop_scores_with_the_stage_layers_own_attention(model, score_layer: str) -> None:  # type: ignore[no-untyped-def]
+    inp = llava_inputs(model, [PROMPT_A])
+    visual = inp["input_ids"][0] == model.config.image_token_id
+    strategy = PyramidDrop(layers=(3,), reference_layers=None, keep=5, score_layer=score_layer)
+    with torch.no_grad():
+        scores = _official_pdrop_scores(model, inp, 3 if score_layer == "stage" else 2)[0][visual]
+        with vtokprune.pruned(model, strategy):
+            model(**inp)
+            kept = vtokprune.last_selection(model)
+    assert kept is not None
+    assert kept.kept[0].tolist() == torch.sort(torch.topk(scores, 5).indices).values.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ SparseVLM, official
+
+
+def test_embedding_raters_official_choice() -> None:
+    # LM level: [bos, v, v, t, t, t]; text after the image: 3, 4, 5. e_v . e_t: token 3 matches both visual tokens.
+    emb = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.1], [4.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    image = torch.tensor([[False, True, True, False, False, False]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    ctx = make_ctx(image=image.tolist(), valid=valid.tolist())
+    ctx.inputs_embeds, ctx.lm_image_mask, ctx.lm_valid, ctx.cols = emb, image, valid, torch.arange(6)[None]
+    m = torch.softmax(emb[0, 1:3] @ emb[0, 3:].T, dim=1).mean(0)
+    want = [3 + i for i in range(3) if m[i] > m.mean()]
+    assert torch.nonzero(embedding_raters(ctx)[0]).flatten().tolist() == want == [3]
+    # after a stage dropped visual token 2, the raters are the same LM-level tokens at their new slots
+    ctx2 = make_ctx(image=[[False, True, False, False, False]], valid=[[True] * 5])
+    ctx2.inputs_embeds, ctx2.lm_image_mask, ctx2.lm_valid = emb, image, valid
+    ctx2.cols = torch.tensor([[0, 1, 3, 4, 5]])
+    assert torch.nonzero(embedding_raters(ctx2)[0]).flatten().tolist() == [2]
+
+
+def test_mean_row_scores_and_masked_rows() -> None:
+    probs = torch.tensor([[[[0.5, 0.5], [0.1, 0.9]]]])  # [1, 1 head, 2 rows, 2]
+    torch.testing.assert_close(mean_row_scores(probs, torch.tensor([[True, False]])), torch.tensor([[0.5, 0.5]]))
+    rows, valid = masked_query_rows(torch.tensor([[False, False, False]]), torch.tensor([2]))
+    assert rows.tolist() == [[2]] and valid.tolist() == [[True]]
+
+
+def test_recycle_only_the_top_share_of_pruned_tokens() -> None:
+    hidden = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]]])
+    kept = torch.tensor([[True, False, False, False, False]])
+    pruned = ~kept
+    scores = torch.tensor([[1.0, 0.1, 0.4, 0.3, 0.2]])
+    out = recycle_pruned(hidden, kept, pruned, scores, top=0.3)  # int(0.3 * 4) + 1 = 2: tokens 2 and 3
+    want = (1.0 * hidden[0, 0] + 0.4 * hidden[0, 2] + 0.3 * hidden[0, 3]) / 1.7
+    torch.testing.assert_close(out[0, 0], want)

@@ -63,11 +63,61 @@ def test_visionzip_merges_the_right_tokens():
     key[[0, 1], :] = 1.0
     keys = key.expand(1, 2, t, 2).clone()
     sig = VisionSignals(features=feats, cls_attn={1: attn}, keys={1: keys})
-    sel = get_strategy("visionzip", keep=4, contextual_ratio=0.5).select(sig, 4)
+    sel = get_strategy("visionzip", keep=4, contextual_ratio=0.5, merge="mean").select(sig, 4)
     assert sel.indices.tolist() == [[0, 1, 2, 5]]
     f = feats[0]
     expected = torch.stack([f[0], f[1], f[[2, 3, 4]].mean(0), f[[5, 6, 7]].mean(0)])
     assert torch.allclose(sel.features[0], expected, atol=1e-6)
+
+
+def official_visionzip(hidden, cls_attn, metric, dominant, contextual):
+    """dvlab-research/VisionZip `clip_encoder.py` for one image, re-created: hidden [T+1, C] with [CLS] first,
+    cls_attn [H, T+1] the [CLS] row, metric [T+1, d] keys -> the [dominant + contextual, C] kept tokens."""
+    top = cls_attn[:, 1:].sum(dim=0).topk(dominant - 1).indices + 1
+    keep = torch.zeros(hidden.shape[0], dtype=torch.bool)
+    keep[0] = True
+    keep[top] = True
+    dominant_tokens = hidden[keep]
+    rest_h, rest_m = hidden[~keep], metric[~keep]
+    rest_m = rest_m / rest_m.norm(dim=-1, keepdim=True)
+    step = max(1, rest_m.shape[0] // contextual)
+    target = torch.arange(0, rest_m.shape[0], step)[:contextual]
+    is_target = torch.zeros(rest_m.shape[0], dtype=torch.bool)
+    is_target[target] = True
+    sim = rest_m[~is_target] @ rest_m[target].T
+    one_hot = torch.zeros(sim.shape).scatter_(1, sim.argmax(dim=1, keepdim=True), 1.0)
+    counts = one_hot.sum(dim=0).clamp(min=1)[:, None]
+    contextual_tokens = rest_h[target] + one_hot.T @ rest_h[~is_target] / counts
+    return torch.cat([dominant_tokens, contextual_tokens])
+
+
+def test_visionzip_matches_official_code_with_cls_and_target_plus_mean():
+    gen = torch.Generator().manual_seed(0)
+    t, c, h = 20, 6, 2
+    hidden = torch.randn(t + 1, c, generator=gen)
+    attn = torch.rand(h, t + 1, generator=gen)
+    keys = torch.randn(h, t + 1, 3, generator=gen)
+    k, dominant, contextual = 7, 5, 2
+    want = official_visionzip(hidden, attn, keys.mean(0), dominant, contextual)
+    sig = VisionSignals(
+        features=hidden[None, 1:] * 2,  # what the projector gives: here x -> 2x
+        cls_attn={1: attn[None, :, 1:]},
+        keys={1: keys[None, :, 1:]},
+        projector=lambda x: 2 * x,
+        projector_input=hidden[None, 1:],
+        cls_feature=2 * hidden[None, 0],
+    )
+    sel = get_strategy("visionzip", keep=k, contextual_ratio=contextual / k).select(sig, k)
+    got = sel.features[0] / 2
+    assert got.shape == want.shape
+    dist = torch.cdist(want, got)  # every official token is one of ours, one to one
+    assert bool((dist.min(dim=1).values < 1e-5).all()) and len(set(dist.argmin(dim=1).tolist())) == k
+    assert len(set(sel.indices[0].tolist())) == k
+    # without the [CLS] signal (other families) every dominant token is a patch, merged in feature space
+    plain = VisionSignals(features=sig.features, cls_attn=sig.cls_attn, keys=sig.keys)
+    sel2 = get_strategy("visionzip", keep=k, contextual_ratio=contextual / k).select(plain, k)
+    top = attn[:, 1:].sum(0).topk(dominant).indices
+    assert set(top.tolist()) <= set(sel2.indices[0].tolist())
 
 
 def test_visionzip_batch_is_each_image_alone():
@@ -100,26 +150,77 @@ def test_grid_crops_are_rectangular_blocks():
     assert sorted(torch.cat(uneven).tolist()) == list(range(15))
 
 
-def test_allocate_is_exact_and_respects_crop_size():
+def test_allocate_follows_the_official_floor_and_leftover():
     sizes = torch.tensor([4, 4, 4, 4])
-    assert allocate(torch.tensor([1.0, 0.0, 0.0, 0.0]), sizes, 6).tolist() == [4, 1, 1, 0]
-    assert allocate(torch.tensor([0.0, 0.0, 0.0, 0.0]), sizes, 5).tolist() == [2, 1, 1, 1]
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        sizes = torch.randint(1, 9, (6,), generator=gen)
-        w = torch.rand(6, generator=gen)
-        k = int(torch.randint(1, int(sizes.sum()) + 1, (1,), generator=gen))
-        alloc = allocate(w, sizes, k)
-        assert int(alloc.sum()) == k and bool((alloc <= sizes).all()) and bool((alloc >= 0).all())
+    # floor(6 * [1, 0, 0, 0]) = [5 (eps), 0, 0, 0] -> leftover 1 to the largest weight; capped at the crop size
+    assert allocate(torch.tensor([1.0, 0.0, 0.0, 0.0]), sizes, 6).tolist() == [4, 0, 0, 0]
+    assert allocate(torch.tensor([1.0, 1.0, 1.0, 1.0]), sizes, 5).tolist() == [2, 1, 1, 1]
+    assert allocate(torch.tensor([3.0, 1.0]), torch.tensor([8, 8]), 4).tolist() == [3, 1]
+
+
+def official_holov(tokens, attention, num_patches, k, alpha=0.09, esp=1e-6):
+    """obananas/HoloV `HoloV()` for one image, re-created to return the kept indices instead of the tokens."""
+    n = tokens.shape[0]
+    size, rem = n // num_patches, n % num_patches
+    crops, start = [], 0
+    for p in range(num_patches):
+        cur = size + (1 if p < rem else 0)
+        if cur > 0:
+            crops.append(torch.arange(start, start + cur))
+        start += cur
+    scores = []
+    for c in crops:
+        a = attention[c]
+        if len(c) <= 1:
+            scores.append(a.mean())
+            continue
+        f = tokens[c] / (tokens[c].norm(dim=1, keepdim=True) + esp)
+        s = (f @ f.T) * (1 - torch.eye(len(c)))
+        mean = s.sum(dim=1) / (len(c) - 1)
+        var = ((s - mean[:, None]) ** 2).sum(dim=1) / (len(c) - 1)
+        a3 = a * 1e3
+        scores.append((a3 + alpha * var * (a3.abs().mean() / (var.abs().mean() + esp))).mean())
+    w = torch.stack(scores) / (torch.stack(scores).sum() + esp)
+    alloc = (w * k).floor().long()
+    remaining = k - alloc.sum()
+    if remaining > 0:
+        for i in torch.topk(w, k=min(int(remaining), len(w))).indices[:remaining]:
+            alloc[i] += 1
+    kept = []
+    for c, al in zip(crops, alloc):
+        if al >= len(c):
+            kept.append(c)
+        elif al > 0:
+            kept.append(c[torch.topk(attention[c], k=int(al)).indices])
+    return sorted(torch.cat(kept).tolist())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_holov_matches_official_code(seed):
+    gen = torch.Generator().manual_seed(seed)
+    t, k = 50, 12
+    feats = torch.randn(1, t, 8, generator=gen)
+    attn = torch.rand(1, 2, t, generator=gen)
+    sig = VisionSignals(features=feats, cls_attn={1: attn})
+    got = get_strategy("holov", keep=k).select(sig, k).indices[0].tolist()
+    assert got == official_holov(feats[0], attn[0].mean(0), 16, k)
+
+
+def test_holov_fills_an_overflowing_crops_shortfall_with_real_tokens():
+    attn = torch.full((16,), 1e-4)
+    attn[:4] = torch.tensor([0.4, 0.3, 0.2, 0.1])  # crop 0 (runs of 4) holds almost all the mass
+    sig = VisionSignals(features=torch.randn(1, 16, 6), cls_attn={1: attn.expand(1, 3, 16).clone()})
+    kept = get_strategy("holov", keep=8, crops=(2, 2)).select(sig, 8).indices[0].tolist()
+    assert len(kept) == 8 and {0, 1, 2, 3} <= set(kept)
 
 
 def test_holov_crop_with_all_the_mass():
     attn = torch.zeros(16)
     attn[[0, 1, 4, 5]] = torch.tensor([0.4, 0.3, 0.2, 0.1])
     sig = VisionSignals(features=torch.randn(1, 16, 6), grid=(4, 4), cls_attn={1: attn.expand(1, 3, 16).clone()})
-    s = get_strategy("holov", keep=4, crops=(2, 2))
+    s = get_strategy("holov", keep=4, crops=(2, 2), crop_layout="grid")
     assert s.select(sig, 4).indices.tolist() == [[0, 1, 4, 5]]
-    # 6 > 4 tokens in that crop: it is full, the other 2 go to the (equal, zero-score) crops with the lowest index
+    # 6 > 4 tokens in that crop: it keeps all, the shortfall is filled by the best remaining tokens
     kept = s.select(sig, 6).indices[0].tolist()
     assert len(kept) == 6 and {0, 1, 4, 5} <= set(kept)
 
@@ -131,7 +232,10 @@ def test_holov_similarity_variance_term_changes_ranking():
     feats = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [r, r]]).unsqueeze(0)
     sig = VisionSignals(features=feats, grid=(2, 2), cls_attn={0: torch.tensor([[[0.24, 0.24, 0.24, 0.28]]])})
     assert get_strategy("holov", keep=1, crops=(1, 1), alpha=0.0).select(sig, 1).indices.tolist() == [[3]]
-    assert get_strategy("holov", keep=1, crops=(1, 1), alpha=1.0).select(sig, 1).indices.tolist() == [[0]]
+    score = get_strategy("holov", keep=1, crops=(1, 1), alpha=1.0, rank_by="score")
+    assert score.select(sig, 1).indices.tolist() == [[0]]
+    # the official code ranks inside a crop by attention alone: the variance term only moves budget between crops
+    assert get_strategy("holov", keep=1, crops=(1, 1), alpha=1.0).select(sig, 1).indices.tolist() == [[3]]
 
 
 def test_holov_uses_tiles_when_given():
@@ -143,7 +247,7 @@ def test_holov_uses_tiles_when_given():
         cls_attn={0: attn.view(1, 1, 12)},
         tiles=[list(range(6)), list(range(6, 12))],
     )
-    assert get_strategy("holov", keep=3).select(sig, 3).indices.tolist() == [[9, 10, 11]]
+    assert get_strategy("holov", keep=3, crop_layout="grid").select(sig, 3).indices.tolist() == [[9, 10, 11]]
 
 
 # ---------------------------------------------------------------------------------------------- flowcut
@@ -168,6 +272,56 @@ def test_flowcut_pruned_tokens_never_return():
         {0: a0, 2: a2}, {0: vals, 2: vals}, {0: torch.zeros(h, d), 2: torch.zeros(h, d)}, k=2, stride=2, smoothing=0.5
     )
     assert set(kept.tolist()) <= {0, 1, 2} and len(kept) == 2  # layer 0 kept 3; token 5 was gone by layer 2
+
+
+def official_flowcut(cls_attn, values, cls_values, feature_layer, k):
+    """TungChintao/FlowCut's encoder loop for one image, re-created on given per-layer signals (heads first):
+    compute_score, 0.5/0.5 accumulation, rpl = feature_layer - idx - 1, cut when rpl is even, adaptive count."""
+    t = cls_attn[0].shape[-1]
+    keep = torch.arange(t)
+    cum = None
+    target = k + 1  # the official target counts the [CLS]
+    for idx in range(feature_layer + 1):
+        if keep.numel() + 1 <= target:
+            break
+        rpl = feature_layer - idx - 1
+        a = cls_attn[idx][:, keep].mean(0)
+        v = values[idx][:, keep]
+        cv = cls_values[idx]
+        logits = torch.cat([(cv * cv).sum(-1, keepdim=True), torch.einsum("hd,hcd->hc", cv, v)], dim=-1)
+        sem = torch.softmax(logits, dim=-1).mean(0)[1:]
+        score = (a / a.sum() + sem / sem.sum()) * torch.norm(v.mean(0), p=1, dim=-1)
+        cum = score if cum is None else 0.5 * cum + 0.5 * score
+        if not rpl % 2:
+            if rpl:
+                prob = a / a.sum()
+                ratio = -(prob * torch.log(prob)).sum() / torch.log(torch.tensor(float(a.shape[-1])))
+                prune = int(((a.shape[-1] - (target - 1)) / rpl**0.5 * (1 - ratio**2)).round())
+            else:
+                prune = keep.numel() + 1
+            num = max(keep.numel() + 1 - prune, target)
+            top = torch.topk(cum, num - 1).indices.sort().values
+            keep, cum = keep[top], cum[top]
+    return keep.tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flowcut_matches_official_loop(seed):
+    gen = torch.Generator().manual_seed(seed)
+    h, t, d, feature_layer, k = 2, 24, 4, 6, 5
+    attn = {i: torch.softmax(torch.randn(h, t, generator=gen) * 2, -1) for i in range(feature_layer + 1)}
+    vals = {i: torch.randn(h, t, d, generator=gen) for i in range(feature_layer + 1)}
+    cls_v = {i: torch.randn(h, d, generator=gen) for i in range(feature_layer + 1)}
+    layers = get_strategy("flowcut", keep=k).vision_layers(8, feature_layer)
+    assert layers == tuple(range(feature_layer))  # the feature layer itself is not scored
+    sig = VisionSignals(
+        features=torch.randn(1, t, 3),
+        cls_attn={i: attn[i][None] for i in layers},
+        values={i: vals[i][None] for i in layers},
+        cls_values={i: cls_v[i][None] for i in layers},
+    )
+    got = get_strategy("flowcut", keep=k).select(sig, k).indices[0].tolist()
+    assert got == official_flowcut(attn, vals, cls_v, feature_layer, k)
 
 
 def test_flowcut_exact_budget_random():

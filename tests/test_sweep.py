@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vtokprune
+import vtokprune.compute
 from vtokprune import sweep
 from vtokprune.lmms.engine import Engine, load_model
 from vtokprune.lmms.tasks import DATA_FILE, load_docs, rows
@@ -108,7 +109,7 @@ def test_sweep_records_errors_and_mc_task(tmp_path):
     report = sweep.run_sweep(
         strategies=["cls"],
         budgets=["999"],
-        tasks=["vtokprune_toy_mc", "nope"],
+        tasks=["vtokprune_toy_mc"],
         limit=1,
         out=tmp_path,
         batch_size=8,
@@ -121,7 +122,87 @@ def test_sweep_records_errors_and_mc_task(tmp_path):
     assert by[("vtokprune_toy_mc", "none")]["status"] == "ok"
     assert by[("vtokprune_toy_mc", "none")]["metric"] == "acc"
     assert by[("vtokprune_toy_mc", "cls")]["status"] == "error" and "999" in by[("vtokprune_toy_mc", "cls")]["error"]
-    assert by[("nope", "none")]["status"] == "error" and "lmms-eval" in by[("nope", "none")]["error"]
+    # no pruned cell succeeded: the command exits non-zero with the reason
+    assert "no pruned cell succeeded" in (sweep.failure_reason(report["cells"]) or "")
+
+
+def test_sweep_without_a_successful_pruned_cell_exits_nonzero(tmp_path, capsys):
+    argv = ["--strategies", "cls", "--budgets", "999", "--limit", "1", "--out", str(tmp_path), "--no-plots"]
+    assert sweep.main([*argv, "--device", "cpu", "--dtype", "float32"]) == 1
+    err = capsys.readouterr().err
+    assert "no pruned cell succeeded" in err and "keep=999" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tasks", "nope"], "unknown task 'nope'"),
+        (["--tasks", ","], "names no task"),
+        (["--strategies", ",,"], "names no strategy"),
+        (["--strategies", "clss"], "did you mean 'cls'"),
+        (["--budgets", "abc"], "neither a token count"),
+        (["--set", "lyer=2"], "parameter 'lyer'"),
+        (["--processes", "2"], "--backend lmms-eval"),
+    ],
+)
+def test_sweep_argument_errors_exit_nonzero_before_loading(tmp_path, capsys, monkeypatch, argv, message):
+    from vtokprune import cli
+
+    monkeypatch.setattr(sweep, "BACKENDS", {**sweep.BACKENDS, "inprocess": lambda *a: pytest.fail("model loaded")})
+    assert cli.main(["sweep", *argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_sweep_reports_intervals_compute_environment_and_floor_check(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = sweep.run_sweep(
+        strategies=["random", "fastv"],
+        budgets=["64"],
+        limit=4,
+        out=tmp_path,
+        batch_size=4,
+        device="cpu",
+        dtype="float32",
+        quiet=True,
+        params={"fastv.layer": 1},
+        match_compute=True,
+    )
+    cells = {(c["strategy"], c["budget"], c.get("matched_to")): c for c in report["cells"]}
+    assert all(c["status"] == "ok" for c in cells.values()), cells
+    for c in cells.values():
+        assert c["samples"] == 4 and c["ci_low"] <= c["accuracy"] <= c["ci_high"]
+        assert c["avg_visual_tokens"] > 0 and c["prefill_tflops"] > 0 and c["keep_means"]
+    fastv = cells[("fastv", "keep=64", None)]
+    assert fastv["strategy_config"].startswith("FastV(keep=64") and "layer=1" in fastv["strategy_config"]
+    assert fastv["params"] == "fastv.layer=1"
+    # FastV after layer 1 of the toy's L layers: (576 + (L - 1) * 64) / L visual tokens on average
+    layers = vtokprune.compute.DecoderShape.from_config(load_model(None)[0].config).num_layers
+    assert fastv["avg_visual_tokens"] == pytest.approx((576 + (layers - 1) * 64) / layers, abs=0.01)
+    matched = cells[("random", f"keep={fastv['equivalent_keep']}", "fastv keep=64")]
+    assert matched["avg_visual_tokens"] == fastv["equivalent_keep"]
+    assert cells[("none", "full", None)]["prefill_tflops"] > fastv["prefill_tflops"] > matched["prefill_tflops"] * 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    env = saved["environment"]
+    for key in ("vtokprune", "torch", "transformers", "device", "dtype", "torch_threads", "git_sha"):
+        assert key in env
+    assert env["device"] == "cpu" and env["dtype"] == "torch.float32"
+    assert saved["checks"] and saved["checks"][0]["check"] == "random_floor"
+    assert {"passed", "drop", "intervals_separate"} <= set(report["checks"][0])
+    header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert "ci_low" in header and "prefill_tflops" in header and "avg_visual_tokens" in header
+    text = sweep.table(report["cells"])
+    assert "| n |" in text and "[" in text and "matched to" in text
+
+
+def test_wilson_interval():
+    from vtokprune.reporting import wilson_interval
+
+    low, high = wilson_interval(0.5, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(0.0, 10)[0] == 0.0 and wilson_interval(1.0, 10)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)
 
 
 def test_sweep_cli(tmp_path, capsys):

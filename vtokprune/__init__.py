@@ -16,9 +16,13 @@ from .errors import (
     UnsupportedModelError,
     VTokPruneError,
 )
+from .loading import load, saved_strategy
 from .registry import available_strategies, get_strategy, register_strategy
 from .runtime import Selection
 from .strategies import (
+    DART,
+    CDPruner,
+    CDPrunerCLIP,
     CLSAttention,
     FastV,
     LLMStrategy,
@@ -28,13 +32,36 @@ from .strategies import (
     Strategy,
     VisionSignals,
     VisionStrategy,
+    VisPruner,
+    ZOOPrune,
 )
+from .strategies.adaptinfer import AdaptInfer
+from .strategies.cls_multilayer import CLSMultiLayer
+from .strategies.divprune import DivPrune
+from .strategies.flowcut import FlowCut
+from .strategies.holov import HoloV
+from .strategies.pdrop import PyramidDrop
+from .strategies.sparsevlm import SparseVLM
+from .strategies.text_clip import TextCLIP
+from .strategies.visionzip import VisionZip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VisionZip",
+    "TextCLIP",
+    "SparseVLM",
+    "PyramidDrop",
+    "HoloV",
+    "FlowCut",
+    "DivPrune",
+    "CLSMultiLayer",
+    "AdaptInfer",
     "ADAPTERS",
+    "DART",
     "BudgetError",
+    "CDPruner",
+    "CDPrunerCLIP",
     "CLSAttention",
     "CapabilityError",
     "FastV",
@@ -49,7 +76,9 @@ __all__ = [
     "UnsupportedModelError",
     "VTokPruneError",
     "VisionSignals",
+    "VisPruner",
     "VisionStrategy",
+    "ZOOPrune",
     "__version__",
     "apply",
     "available_strategies",
@@ -57,8 +86,10 @@ __all__ = [
     "get_strategy",
     "is_pruned",
     "last_selection",
+    "load",
     "pruned",
     "register_strategy",
     "remove",
+    "saved_strategy",
     "strategy_of",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .errors import CapabilityError, PruningStateError
+from .loading import forget_strategy, record_strategy
 from .registry import get_strategy
 from .runtime import PrunerState, Selection
 from .strategies.base import LLMStrategy, Strategy
@@ -25,11 +26,15 @@ def apply(model: M, strategy: Strategy | str, fallback: Strategy | str | None = 
     `model(**inputs)` and `model.generate(**inputs)` work as before. `strategy` is a Strategy config or a registered
     name (`apply(model, "cls", keep=64)`). If anything fails, the model is left exactly as it was.
 
+    A strategy given no budget gets its paper's default (`FastV` -> ratio=0.5, `PyramidDrop` -> lam=0.5; see each
+    class's `default_budget`) and `strategy_of(model)` shows it; strategies whose paper states none raise BudgetError.
+    `apply(model, "none")` is the explicit way to keep every token.
+
     `fallback`: a strategy (or name, given the same budget) to use instead when the model cannot serve `strategy`
     (e.g. `cls` on Qwen2-VL, whose vision tower has no [CLS]); a warning names the substitution. Without it, such a
     model raises CapabilityError.
     """
-    resolved = get_strategy(strategy, **strategy_kwargs)
+    resolved = get_strategy(strategy, **strategy_kwargs).with_default_budget()
     if getattr(model, _STATE_ATTR, None) is not None:
         raise PruningStateError(
             f"this model is already pruned with {model._vtokprune_state.strategy!r}; "  # type: ignore[union-attr]
@@ -43,11 +48,11 @@ def apply(model: M, strategy: Strategy | str, fallback: Strategy | str | None = 
             raise
         substitute = (
             get_strategy(fallback, keep=resolved.keep, ratio=resolved.ratio) if isinstance(fallback, str) else fallback
-        )
+        ).with_default_budget()
         adapter.check(substitute)
         warnings.warn(f"vtokprune: {e}; falling back to {substitute!r} as asked", stacklevel=2)
         resolved = substitute
-    if isinstance(resolved, LLMStrategy):
+    if isinstance(resolved, LLMStrategy) and resolved.needs_attention:
         impl = getattr(adapter.text_config(), "_attn_implementation", None)
         if impl not in (None, "sdpa", "eager"):
             raise CapabilityError(
@@ -61,6 +66,7 @@ def apply(model: M, strategy: Strategy | str, fallback: Strategy | str | None = 
         adapter.uninstall(state)
         raise
     setattr(model, _STATE_ATTR, state)
+    record_strategy(model, resolved)  # save_pretrained writes it; the repr names it
     return model
 
 
@@ -71,6 +77,7 @@ def remove(model: M) -> M:
         return model
     state.adapter.uninstall(state)
     delattr(model, _STATE_ATTR)
+    forget_strategy(model)
     return model
 
 

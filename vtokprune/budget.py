@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from .errors import BudgetError
+
+
+def normalise_budget(keep: object, ratio: object) -> tuple[object, object]:
+    """Accept numpy / torch integer keeps and real ratios (what users get from arrays and tensors) as plain numbers."""
+    if keep is not None and not isinstance(keep, (bool, int)):
+        if hasattr(keep, "numel") and keep.numel() == 1 and not keep.is_floating_point():  # type: ignore[attr-defined]
+            keep = int(keep.item())  # type: ignore[attr-defined]
+        elif isinstance(keep, numbers.Integral):
+            keep = int(keep)
+    if ratio is not None and not isinstance(ratio, (bool, float)):
+        if hasattr(ratio, "numel") and ratio.numel() == 1:  # type: ignore[attr-defined]
+            ratio = float(ratio.item())  # type: ignore[attr-defined]
+        elif isinstance(ratio, numbers.Real):
+            ratio = float(ratio)
+    return keep, ratio
 
 
 def validate_budget(keep: int | None, ratio: float | None) -> None:
@@ -24,7 +40,10 @@ def validate_budget(keep: int | None, ratio: float | None) -> None:
 def resolve_budget(keep: int | None, ratio: float | None, available: int) -> int:
     """Number of tokens to keep out of `available` (per image). Raises if the budget cannot be met."""
     if keep is None and ratio is None:
-        return available
+        raise BudgetError(
+            "no budget: pass keep= (visual tokens per image) or ratio= (fraction of them); "
+            "to keep every token use the 'none' strategy"
+        )
     if keep is not None:
         if keep > available:
             raise BudgetError(

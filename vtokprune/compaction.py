@@ -124,3 +124,32 @@ def remap_mask(
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, neg)
+
+
+# ---------------------------------------------------------------------------------------------- kept tokens' positions
+
+
+def renumber_contiguous(positions: torch.Tensor, past_len: int) -> torch.Tensor:
+    """Positions of a compacted prefill, renumbered as if the compact sequence were the whole input.
+
+    [B, N] -> past_len + slot index (left-padding slots included, as the model numbers an unpruned padded batch; RoPE
+    only sees differences, so that shift is harmless). M-RoPE positions ([3, B, N]) are returned unchanged: their
+    3-D layout (time, height, width) is what the model was trained on, so they always keep the original values.
+    """
+    if positions.dim() != 2:
+        return positions
+    b, n = positions.shape
+    return (torch.arange(n, device=positions.device) + past_len).expand(b, n)
+
+
+def contiguous_stage_cols(comp: Compaction, lm_valid: torch.Tensor) -> Compaction:
+    """For an in-LLM stage: the LM-level columns whose positions the compact slots take when renumbered.
+
+    Each real kept token gets the position of the LM-level column first_real + rank (its rank among the row's kept
+    real tokens), i.e. positions become contiguous from the row's first real position on; padding slots keep their
+    own column. Gathering the LM-level position ids / rotary embeddings at these columns renumbers them.
+    """
+    real = comp.valid & torch.gather(lm_valid, 1, comp.cols.clamp(min=0))
+    rank = torch.cumsum(real.long(), dim=1) - 1
+    first = torch.argmax(lm_valid.long(), dim=1, keepdim=True)  # first real LM-level column of each row
+    return Compaction(torch.where(real, first + rank, comp.cols))

@@ -38,6 +38,7 @@ log = logging.getLogger("vtokprune.demo")
 
 MAX_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 20_000_000
+MAX_ASPECT = 20  # long side / short side: a 1x100000 "picture" is not one
 MAX_QUESTION_CHARS = 500
 DISPLAY = 224  # pixels across each panel's picture
 DIM = 0.72  # how much pruned patches are darkened (0 = not at all, 1 = black)
@@ -89,6 +90,11 @@ def load_upload(path: str | os.PathLike[str] | None) -> Image.Image:
                     )
                 if w == 0 or h == 0:
                     raise DemoInputError(not_image)
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise DemoInputError(
+                        f"The image is {w}x{h} pixels; the demo takes pictures whose long side is at most "
+                        f"{MAX_ASPECT} times the short side."
+                    )
                 strict = ImageFile.LOAD_TRUNCATED_IMAGES
                 ImageFile.LOAD_TRUNCATED_IMAGES = False  # other libraries (lmms-eval) turn this on process-wide
                 try:
@@ -477,8 +483,16 @@ _CARD = (
 )
 
 
-def render_results(outcomes: Sequence[Outcome], question: str) -> str:
-    """HTML cards, one per outcome, side by side (everything the user typed or the model said is escaped)."""
+def is_right(answer: str, expected: str) -> bool:
+    """The toy world's scoring: the answer's words, lower-cased and without punctuation, equal the expected ones."""
+    from .lmms.tasks.vtokprune_toy.utils import exact_match
+
+    return bool(exact_match(answer, expected))
+
+
+def render_results(outcomes: Sequence[Outcome], question: str, expected: str | None = None) -> str:
+    """HTML cards, one per outcome, side by side (everything the user typed or the model said is escaped).
+    `expected`: the scene's right answer when known (the examples): each answer is marked right or wrong."""
     cards = []
     for o in outcomes:
         name = html.escape(o.name)
@@ -499,9 +513,14 @@ def render_results(outcomes: Sequence[Outcome], question: str) -> str:
         else:
             kept = "-" if o.kept is None else f"{o.kept}/{o.available}"
             ms = "-" if o.latency_ms is None else f"{o.latency_ms:.0f} ms"
+            mark = ""
+            if expected is not None:
+                right = is_right(o.answer, expected)
+                colour = "#1a7f37" if right else "#a3271f"
+                mark = f' <span class="vtp-mark" style="color:{colour};font-weight:700">{"right" if right else "wrong"}</span>'
             parts.append(
                 f'<div class="vtp-answer" style="margin-top:6px;font-size:14px;word-break:break-word">'
-                f"<b>Answer:</b> {html.escape(o.answer)}</div>"
+                f"<b>Answer:</b> {html.escape(o.answer)}{mark}</div>"
             )
             parts.append(
                 f'<div class="vtp-stats" style="margin-top:4px;font-size:13px;color:#4a5160">'
@@ -514,8 +533,13 @@ def render_results(outcomes: Sequence[Outcome], question: str) -> str:
         cards.append("".join(parts))
     head = (
         f'<div class="vtp-question" style="font-family:system-ui,sans-serif;margin:4px 0 10px;color:#1f2430">'
-        f'<b>Question:</b> {html.escape(question)} <span style="color:#6b7280">&mdash; dimmed patches were pruned'
-        "</span></div>"
+        f"<b>Question:</b> {html.escape(question)}"
+        + (
+            f' <span class="vtp-expected">(right answer: <b>{html.escape(expected)}</b>)</span>'
+            if expected is not None
+            else ""
+        )
+        + ' <span style="color:#6b7280">&mdash; dimmed patches were pruned</span></div>'
     )
     return (
         f'<div class="vtp-results">{head}<div style="display:flex;flex-wrap:wrap;gap:12px">{"".join(cards)}</div></div>'
@@ -525,10 +549,11 @@ def render_results(outcomes: Sequence[Outcome], question: str) -> str:
 # ------------------------------------------------------------------------------------------------------- examples
 
 
-def example_images(folder: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """(image path, question) pairs written into `folder`: toy-world scenes when available, else a drawn picture."""
+def example_images(folder: str | os.PathLike[str]) -> list[tuple[str, str, str | None]]:
+    """(image path, question, right answer or None) written into `folder`: toy-world scenes when available (their
+    answers are known), else a drawn picture."""
     os.makedirs(folder, exist_ok=True)
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, str | None]] = []
     try:
         from .toyworld import make_questions, make_scene, render
 
@@ -537,7 +562,7 @@ def example_images(folder: str | os.PathLike[str]) -> list[tuple[str, str]]:
             qs = make_questions(scene, 1)
             path = os.path.join(folder, f"scene-{seed}.png")
             render(scene).save(path)
-            out.append((path, qs[0].question if qs else "What is in the image?"))
+            out.append((path, qs[0].question, qs[0].answer) if qs else (path, "What is in the image?", None))
     except Exception:  # the toy world is optional; fall back to a simple drawing
         from PIL import ImageDraw
 
@@ -547,22 +572,65 @@ def example_images(folder: str | os.PathLike[str]) -> list[tuple[str, str]]:
         draw.rectangle((190, 180, 300, 290), fill=(40, 90, 200))
         path = os.path.join(folder, "shapes.png")
         img.save(path)
-        out.append((path, "What shapes are in the image?"))
+        out.append((path, "What shapes are in the image?", None))
     return out
 
 
 # ------------------------------------------------------------------------------------------------------------- app
 
 
+FAILED = "⚠️ Something went wrong while running the model; the details are in the server's log."
+
+
 def _handle_upload(path: str | None) -> tuple[Any, str]:
+    """The upload's checks run as soon as it arrives: a refused picture is removed from the widget and the reason
+    shown right under it. Returns (the widget's new value, the message)."""
     if not path:
         return None, ""
     try:
-        picture = load_upload(path)
+        load_upload(path)
     except DemoInputError as e:
         return None, f"⚠️ {e}"
-    picture.thumbnail((512, 512))  # a preview: never send megapixels back to the browser
-    return picture, ""
+    return path, ""
+
+
+def _raw_upload_path(payload: Any) -> str | None:
+    return None if payload is None or getattr(payload, "path", None) is None else str(payload.path)
+
+
+def _expected_answer(examples: Sequence[tuple[str, str, str | None]], path: str | None, question: str) -> str | None:
+    """The right answer when the picture and question are one of the examples (Gradio keeps the file's name)."""
+    name = os.path.basename(str(path or ""))
+    for example_path, example_question, answer in examples:
+        if name == os.path.basename(example_path) and question.strip() == example_question.strip():
+            return answer
+    return None
+
+
+def answer_request(
+    comparer: Comparer,
+    examples: Sequence[tuple[str, str, str | None]],
+    path: str | None,
+    question: str | None,
+    names: list[str] | None,
+    keep: float | None,
+) -> tuple[str, str]:
+    """(results HTML, status message) for one click of Compare; never raw exception text (show_error=False)."""
+    tokens = comparer.tokens or 576
+    try:
+        picture = load_upload(path)
+        q = check_question(question)
+        chosen = [n for n in (names or []) if n in comparer.usable]
+        if keep is None or not 1 <= int(keep) <= tokens:
+            raise DemoInputError(f"Choose a budget between 1 and {tokens} tokens.")
+        outcomes = comparer.compare(picture, q, chosen, int(keep))
+    except DemoInputError as e:
+        return "", f"⚠️ {e}"
+    except Exception:  # the user sees a clean message; the traceback goes to the server's log
+        log.exception("demo request failed")
+        return "", FAILED
+    note = "" if chosen else "No strategy chosen: showing the unpruned model only."
+    return render_results(outcomes, q, _expected_answer(examples, path, q)), note
 
 
 def build_app(comparer: Comparer, examples_dir: str | None = None) -> Any:
@@ -573,20 +641,7 @@ def build_app(comparer: Comparer, examples_dir: str | None = None) -> Any:
     examples = example_images(examples_dir or tempfile.mkdtemp(prefix="vtokprune-demo-"))
 
     def run(path: str | None, question: str | None, names: list[str] | None, keep: float | None) -> tuple[str, str]:
-        try:
-            picture = load_upload(path)
-            q = check_question(question)
-            chosen = [n for n in (names or []) if n in comparer.usable]
-            if keep is None or not 1 <= int(keep) <= tokens:
-                raise DemoInputError(f"Choose a budget between 1 and {tokens} tokens.")
-            outcomes = comparer.compare(picture, q, chosen, int(keep))
-        except DemoInputError as e:
-            return "", f"⚠️ {e}"
-        except Exception as e:
-            log.exception("demo request failed")
-            return "", f"⚠️ Something went wrong while running the model ({type(e).__name__}: {html.escape(str(e))})."
-        note = "" if chosen else "No strategy chosen: showing the unpruned model only."
-        return render_results(outcomes, q), note
+        return answer_request(comparer, examples, path, question, names, keep)
 
     skipped = "".join(f"\n- `{name}`: {html.escape(reason)}" for name, reason in sorted(comparer.skipped.items()))
     with gr.Blocks(title="vtokprune demo", analytics_enabled=False) as app:
@@ -598,13 +653,18 @@ def build_app(comparer: Comparer, examples_dir: str | None = None) -> Any:
         )
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                upload = gr.File(
+                upload = gr.Image(
                     label="Image (PNG, JPEG, WebP; up to 20 MB and 20 MP)",
-                    file_types=["image"],
                     type="filepath",
+                    sources=["upload", "clipboard"],
+                    height=240,
                     elem_id="vtp-upload",
                 )
-                preview = gr.Image(label="Uploaded image", interactive=False, height=200, elem_id="vtp-preview")
+                # Gradio would open the upload with PIL first; hand over the file untouched instead, so that every
+                # check in `load_upload` runs, with its message, before anything is decoded. (An instance attribute:
+                # subclassing a Gradio component makes Gradio write a .pyi stub beside this module.)
+                upload.preprocess = _raw_upload_path  # type: ignore[method-assign]
+                upload_note = gr.Markdown(elem_id="vtp-upload-note")
                 question = gr.Textbox(label="Question", placeholder="What is in the image?", elem_id="vtp-question")
                 strategies = gr.CheckboxGroup(
                     choices=comparer.usable,
@@ -621,19 +681,20 @@ def build_app(comparer: Comparer, examples_dir: str | None = None) -> Any:
                     elem_id="vtp-keep",
                 )
                 button = gr.Button("Compare", variant="primary", elem_id="vtp-run")
+                status = gr.Markdown(elem_id="vtp-status")  # under the button the user just pressed
                 gr.Examples(
-                    examples=[[p, q] for p, q in examples],
+                    examples=[[p, q] for p, q, _ in examples],
                     inputs=[upload, question],
-                    label="Examples",
-                    example_labels=[f"{os.path.basename(p)}: {q}" for p, q in examples],
+                    label="Examples (right answer in brackets)",
+                    example_labels=[f"{os.path.basename(p)}: {q}" + (f" ({a})" if a else "") for p, q, a in examples],
                 )
                 if skipped:
                     with gr.Accordion("Strategies this model cannot run", open=False):
                         gr.Markdown(skipped)
             with gr.Column(scale=3):
-                status = gr.Markdown(elem_id="vtp-status")
                 results = gr.HTML(elem_id="vtp-results")
-        upload.change(_handle_upload, inputs=upload, outputs=[preview, status])
+        upload.upload(_handle_upload, inputs=upload, outputs=[upload, upload_note])  # user uploads, not examples
+        upload.clear(lambda: "", outputs=upload_note)
         for event in (button.click, question.submit):
             event(run, inputs=[upload, question, strategies, keep], outputs=[results, status], concurrency_limit=1)
     return app

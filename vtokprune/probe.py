@@ -4,7 +4,8 @@ A probed attention module gets a private copy of its config whose `_attn_impleme
 function. That function calls the probe callback active in the current context (if any) with the module's q, k, v
 and mask, then hands over to the implementation the model was using (SDPA, eager, flash...). Nothing else changes, so
 outputs stay bit-identical, and the full attention map is never materialised: a strategy that needs the last token's
-row computes one row.
+row computes one row. The rows themselves are computed by :func:`vtokprune.kernels.attention_rows` (re-exported
+here), so the kernel backend choice covers them.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .kernels import attention_rows, repeat_kv_heads
+
 PROBE_IMPL = "vtokprune_probe"
 
 ProbeCallback = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Any, dict], None]
 _ACTIVE: ContextVar[dict[int, ProbeCallback] | None] = ContextVar("vtokprune_probes", default=None)
 _registered = False
+
+__all__ = ["PROBE_IMPL", "attention_rows", "install_probe", "probing", "repeat_kv_heads", "uninstall_probe"]
 
 
 def _original_attention(module: nn.Module) -> Callable[..., Any]:
@@ -87,44 +92,3 @@ def probing(callbacks: dict[int, ProbeCallback]) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
-
-
-def repeat_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, Hkv, L, d] -> [B, num_heads, L, d] for grouped-query attention."""
-    groups = num_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def attention_rows(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    rows: torch.Tensor,
-    scaling: float | None,
-    causal: bool,
-) -> torch.Tensor:
-    """Softmax attention probabilities of selected query rows, in float32, without the full map.
-
-    query [B, H, Lq, d], key [B, Hkv, Lk, d], rows [B, R] indices into Lq. attention_mask: None, or a 4D mask
-    [B, 1|H, Lq, Lk], boolean (True = attend) or additive float. Returns [B, H, R, Lk].
-    """
-    b, h, lq, d = query.shape
-    lk = key.shape[2]
-    idx = rows[:, None, :, None].expand(b, h, rows.shape[1], d)
-    q = torch.gather(query, 2, idx).float()
-    k = repeat_kv_heads(key, h).float()
-    scale = scaling if scaling is not None else d**-0.5
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if attention_mask is not None and attention_mask.dim() == 4:
-        m = attention_mask
-        m_idx = rows[:, None, :, None].expand(b, m.shape[1], rows.shape[1], m.shape[-1])
-        m_rows = torch.gather(m, 2, m_idx)
-        if m_rows.dtype == torch.bool:
-            logits = logits.masked_fill(~m_rows, -torch.inf)
-        else:
-            logits = logits + m_rows.float()
-    elif causal:
-        q_pos = rows + (lk - lq)  # absolute position of each query row when a cache precedes it
-        allowed = torch.arange(lk, device=query.device)[None, None, :] <= q_pos[:, :, None]
-        logits = logits.masked_fill(~allowed[:, None], -torch.inf)
-    return torch.softmax(logits, dim=-1)

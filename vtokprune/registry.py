@@ -27,10 +27,16 @@ def available_strategies() -> dict[str, type[Strategy]]:
     return dict(sorted(_STRATEGIES.items()))
 
 
-def get_strategy(name: str | Strategy, **kwargs: Any) -> Strategy:
+def get_strategy(name: str | Strategy | None, **kwargs: Any) -> Strategy:
     """`get_strategy("cls", keep=64)` -> CLSAttention(keep=64). A Strategy instance is returned as is."""
     from .strategies.base import Strategy
 
+    if name is None:
+        raise UnknownStrategyError(
+            "no strategy given (None); name one of: "
+            + ", ".join(available_strategies())
+            + " ('none' keeps every token)"
+        )
     if isinstance(name, Strategy):
         if kwargs:
             raise TypeError("pass keyword arguments only with a strategy name, not with a Strategy instance")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .compaction import Compaction, remap_mask
+from .compaction import Compaction, contiguous_stage_cols, remap_mask
+from .errors import PruningStateError
 from .probe import attention_rows
 from .strategies.base import LLMContext, LLMStrategy, Strategy
 
@@ -53,6 +55,7 @@ class CacheRecord:
     outer_len: int  # caller's prefill length (unpruned)
     lm_len: int  # language-model-level prefill length
     stages: list[StageRecord] = field(default_factory=list)
+    contiguous: bool = False  # pre-LLM: kept tokens were renumbered 0..n-1, so decoding continues from the cache length
 
 
 class PrunerState:
@@ -65,6 +68,22 @@ class PrunerState:
         self.records: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
         self.lock = threading.Lock()
         self._local = threading.local()
+        self.calls: Counter[str] = Counter()  # prefill / decode / text_only calls that went through the adapter
+
+    def __reduce__(self) -> Any:
+        from .adapters.hooks import COPY_HINT
+
+        raise PruningStateError(f"vtokprune: {COPY_HINT}")
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return self.__reduce__()
+
+    def set_call_compaction(self, comp: Compaction | None) -> None:
+        """How the last prefill of this thread shortened the sequence the logits cover (None: not at all)."""
+        self._local.compaction = comp
+
+    def call_compaction(self) -> Compaction | None:
+        return getattr(self._local, "compaction", None)
 
     def remember(self, cache: Any, record: CacheRecord) -> None:
         if cache is None:
@@ -105,13 +124,17 @@ class ForwardRun:
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
     mask_cache: dict[tuple, Any] = field(default_factory=dict)
     new_stages: list[StageRecord] = field(default_factory=list)
+    inputs_embeds: torch.Tensor | None = None  # [B, L_lm, D] the decoder's input, kept for strategies that read it
+    contiguous: bool = False  # renumber kept tokens' positions at each stage (positions="contiguous", 1-D RoPE)
+    flat_masks: bool = False  # the attention implementation takes [B, L] padding masks (flash attention)
 
     def context(self, hidden: torch.Tensor | None, layer: int) -> LLMContext:
         comp = self.current
         image = self.image_mask if comp is None else comp.gather(self.image_mask, fill=False)
         valid = self.valid if comp is None else comp.gather(self.valid, fill=False)
         positions = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
-        last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values
+        # A row whose attention mask is all zeros has no last token; 0 is as good as any (it has no candidates).
+        last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values.clamp(min=0)
         return LLMContext(
             image_mask=image & valid,
             valid=valid,
@@ -120,6 +143,10 @@ class ForwardRun:
             layer=layer,
             num_layers=self.num_layers,
             hidden=hidden,
+            inputs_embeds=self.inputs_embeds,
+            lm_image_mask=self.image_mask & self.valid,
+            lm_valid=self.valid,
+            cols=comp.cols if comp is not None else positions,
         )
 
 
@@ -143,7 +170,12 @@ def make_stage_probe(stage_layer: int):  # type: ignore[no-untyped-def]
         run = _RUN.get()
         if run is None or run.record is not None or stage_layer not in run.budgets:
             return
+        if run.stage_layer is not None and run.stage_layer >= stage_layer:
+            return  # a stage layer probed for its own scores runs again after pruning: nothing to score then
         ctx = run.context(None, stage_layer - 1)
+        if not run.strategy.needs_attention:
+            run.pending[stage_layer] = run.strategy.key_scores(key, ctx)
+            return
         rows, row_valid = run.strategy.query_rows(ctx)
         probs = attention_rows(query, key, attention_mask, rows, kwargs.get("scaling"), causal=True)
         run.pending[stage_layer] = run.strategy.score(probs, row_valid, ctx)
@@ -167,8 +199,12 @@ def decoder_pre_hook(layer_idx: int):  # type: ignore[no-untyped-def]
             return None
         if run.record is not None:
             return _decode_step(run, layer_idx, args, kwargs)
+        if layer_idx == 0 and run.strategy.reads_inputs_embeds:
+            run.inputs_embeds = args[0] if args else kwargs["hidden_states"]
         if layer_idx in run.budgets:
             hidden, rest, kwargs = _layer_kwargs(args, dict(kwargs))
+            if run.strategy.probe_layer(layer_idx) == layer_idx:
+                _score_with_own_attention(run, module, hidden, kwargs)
             hidden = _prune_stage(run, layer_idx, hidden)
             return (hidden, *rest), _stage_kwargs(run, kwargs, hidden.dtype)
         if run.current is not None:
@@ -177,6 +213,17 @@ def decoder_pre_hook(layer_idx: int):  # type: ignore[no-untyped-def]
         return None
 
     return hook
+
+
+_CACHE_ARGS = frozenset({"past_key_values", "past_key_value", "cache", "use_cache"})
+
+
+def _score_with_own_attention(run: ForwardRun, layer: Any, hidden: torch.Tensor, kwargs: dict) -> None:
+    """Run a stage layer's attention on its unpruned input, cache untouched, so its probe scores the stage."""
+    current = _stage_kwargs(run, dict(kwargs), hidden.dtype) if run.current is not None else kwargs
+    layer.self_attn(
+        hidden_states=layer.input_layernorm(hidden), **{k: v for k, v in current.items() if k not in _CACHE_ARGS}
+    )
 
 
 def _prune_stage(run: ForwardRun, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -191,6 +238,7 @@ def _prune_stage(run: ForwardRun, layer: int, hidden: torch.Tensor) -> torch.Ten
     assert run.image_ids is not None
     image_ids = run.image_ids if run.current is None else run.current.gather(run.image_ids, fill=-1)
     image_ids = image_ids.masked_fill(~candidates, -1)
+    scores = run.strategy.stage_scores(scores, hidden, ctx, image_ids, run.budgets[layer])
     # Rank candidates by score (stable: ties go to the earlier token), then keep each image's budget of its own.
     order = torch.sort(scores.float().masked_fill(~candidates, -torch.inf), dim=1, descending=True, stable=True).indices
     image_sorted = torch.gather(image_ids, 1, order)
@@ -225,15 +273,28 @@ def _stage_kwargs(run: ForwardRun, kwargs: dict, dtype: torch.dtype) -> dict:
             if name == "attention_mask":
                 run.mask_cache[key] = _prefill_mask(run, value, dtype)
             elif name == "position_embeddings":
-                run.mask_cache[key] = tuple(comp.gather(t, dim=-2) for t in value)
+                run.mask_cache[key] = tuple(_position_comp(run).gather(t, dim=-2) for t in value)
             else:
-                run.mask_cache[key] = comp.gather(value, dim=-1)
+                run.mask_cache[key] = _position_comp(run).gather(value, dim=-1)
         kwargs[name] = run.mask_cache[key]
     return kwargs
 
 
+def _position_comp(run: ForwardRun) -> Compaction:
+    assert run.current is not None
+    return contiguous_stage_cols(run.current, run.valid) if run.contiguous else run.current
+
+
+def _flat_mask(mask: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:
+    """Flash attention's [B, L] padding mask for the kept columns `cols` [B, K] (-1: padding slot); None if none."""
+    if mask is None:
+        return None if bool((cols >= 0).all()) else cols >= 0
+    kept = torch.gather(mask, 1, cols.clamp(min=0))
+    return kept.masked_fill(cols < 0, 0)
+
+
 def _check_mask_kind(lm_mask: Any) -> None:
-    if lm_mask is not None and (not torch.is_tensor(lm_mask) or lm_mask.dim() != 4):
+    if lm_mask is not None and (not torch.is_tensor(lm_mask) or lm_mask.dim() not in (2, 4)):
         raise NotImplementedError(
             "vtokprune: in-LLM pruning needs the 'sdpa' or 'eager' attention implementation (4D or no mask); "
             f"this model built a {type(lm_mask).__name__} mask. Load the model with attn_implementation='sdpa'"
@@ -244,6 +305,8 @@ def _prefill_mask(run: ForwardRun, lm_mask: Any, dtype: torch.dtype) -> Any:
     _check_mask_kind(lm_mask)
     comp = run.current
     assert comp is not None
+    if run.flat_masks or (lm_mask is not None and lm_mask.dim() == 2):
+        return _flat_mask(lm_mask, comp.cols)
     if lm_mask is not None and lm_mask.shape[2] != lm_mask.shape[3]:
         raise NotImplementedError("vtokprune: in-LLM pruning of a prefill that continues a filled cache")
     return remap_mask(lm_mask, comp.cols, comp.cols, comp.cols.clamp(min=0), run.eager, dtype)
@@ -273,7 +336,9 @@ def _decode_step(run: ForwardRun, layer_idx: int, args: tuple, kwargs: dict):  #
         # LM-level mask columns run over [0, kv_len); gather the ones this stage's cache holds. Query rows of a
         # decoding step are never compacted, so they index the LM-level rows relative to this call.
         q_rows = torch.arange(q, device=comp.cols.device).expand(b, -1)
-        if lm_mask is None:
+        if run.flat_masks or (lm_mask is not None and lm_mask.dim() == 2):
+            run.mask_cache[key] = _flat_mask(lm_mask, k_cols)
+        elif lm_mask is None:
             run.mask_cache[key] = remap_mask(None, q_pos, k_cols, q_pos, run.eager, hidden.dtype)
         else:
             run.mask_cache[key] = remap_mask(lm_mask, q_rows, k_cols, q_pos, run.eager, lm_mask.dtype)

@@ -13,8 +13,14 @@ token counts (``64``) or fractions of each image's tokens (``0.25``). The unprun
 
 Backends: ``inprocess`` (default; vtokprune's own loop, local tasks ``vtokprune_toy`` and ``vtokprune_toy_mc`` only,
 no lmms-eval needed) and ``lmms-eval`` (any lmms-eval task, through ``lmms_eval.evaluator.simple_evaluate`` with
-the ``vtokprune`` model loaded once and re-pruned per cell). For many GPUs, run single cells with lmms-eval under
-``accelerate launch`` (see :mod:`vtokprune.lmms.model`).
+the ``vtokprune`` model loaded once and re-pruned per cell). ``--processes N`` runs the lmms-eval backend
+data-parallel under torchrun (or start ``torchrun ... -m vtokprune.cli sweep ...`` yourself, multi-node included);
+only rank 0 writes files.
+
+Every accuracy carries its 95% Wilson interval and n; every result its equal-compute fields (average visual tokens
+over decoder layers, analytic prefill TFLOPs: :mod:`vtokprune.compute`), and ``--match-compute`` re-runs the pre-LLM
+strategies at each in-LLM result's equivalent keep. ``results.json`` records the environment and the random-floor
+check (:mod:`vtokprune.reporting`). A sweep in which no pruned cell succeeded exits 1.
 """
 
 from __future__ import annotations
@@ -43,8 +49,15 @@ CSV_FIELDS = (
     "kept_tokens",
     "available_tokens",
     "accuracy",
+    "ci_low",
+    "ci_high",
     "metric",
     "samples",
+    "avg_visual_tokens",
+    "equivalent_keep",
+    "prefill_tflops",
+    "matched_to",
+    "params",
     "ms_per_sample",
     "seconds",
     "model",
@@ -91,7 +104,7 @@ def parse_budget(text: str) -> Budget:
 
 
 def cell_key(cell: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(str(cell.get(k)) for k in ("model", "backend", "task", "strategy", "budget", "limit"))
+    return tuple(str(cell.get(k)) for k in ("model", "backend", "task", "strategy", "budget", "limit", "params"))
 
 
 # ---------------------------------------------------------------------------------------------------- results file
@@ -136,7 +149,7 @@ def write_plots(out: Path, cells: list[dict[str, Any]]) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import ScalarFormatter
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'vtokprune[sweep]')", file=sys.stderr)
         return []
@@ -153,19 +166,37 @@ def write_plots(out: Path, cells: list[dict[str, Any]]) -> list[Path]:
         for ax, task in zip(axes[0], tasks):
             rows = [c for c in ok if c["task"] == task and c.get(field) is not None]
             for strategy in sorted({c["strategy"] for c in rows if c["strategy"] != "none"}):
-                pts = sorted((float(c["kept_tokens"]), float(c[field])) for c in rows if c["strategy"] == strategy)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+                pts = sorted(
+                    (float(c["kept_tokens"]), float(c[field]), c.get("ci_low"), c.get("ci_high"))
+                    for c in rows
+                    if c["strategy"] == strategy
+                )
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                if field == "accuracy" and all(p[2] is not None for p in pts):
+                    err = [
+                        [y - float(p[2] or 0) for y, p in zip(ys, pts)],
+                        [float(p[3] or 0) - y for y, p in zip(ys, pts)],
+                    ]
+                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=strategy)
+                else:
+                    ax.plot(xs, ys, marker="o", label=strategy)
             for c in rows:
                 if c["strategy"] == "none":
-                    ax.axhline(float(c[field]), color="black", linestyle="--", linewidth=1, label="unpruned")
+                    y = float(c[field])
+                    ax.axhline(y, color="black", linestyle="--", linewidth=1, label=f"unpruned (n={c.get('samples')})")
+                    if field == "accuracy" and c.get("ci_low") is not None:
+                        ax.axhspan(c["ci_low"], c["ci_high"], color="black", alpha=0.08)
                     break
             ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            budgets = sorted({float(c["kept_tokens"]) for c in rows if c["strategy"] != "none"})
+            ax.set_xticks(budgets)
+            ax.set_xticklabels([f"{b:g}" for b in budgets])
+            ax.xaxis.set_minor_formatter(NullFormatter())
             if field == "accuracy" and all(0 <= float(c[field]) <= 1 for c in rows):
                 ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("kept visual tokens per image")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{task}: {ylabel}")
+            ax.set_title(f"{task}: {ylabel}" + (" (95% Wilson intervals)" if field == "accuracy" else ""))
             ax.grid(alpha=0.3)
             if rows:
                 ax.legend(fontsize=8)
@@ -177,24 +208,36 @@ def write_plots(out: Path, cells: list[dict[str, Any]]) -> list[Path]:
 
 
 def table(cells: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (task, strategy), one column per budget, accuracy in %."""
+    """Markdown: one row per (task, strategy), one column per budget, accuracy in % with its 95% interval and n."""
+    from .reporting import format_accuracy
+
     ok = [c for c in cells if c.get("status") == "ok"]
-    budgets = list(dict.fromkeys(c["budget"] for c in ok if c["strategy"] != "none"))
-    lines = ["| task | strategy | " + " | ".join(budgets) + " |", "|" + "---|" * (len(budgets) + 2)]
+    budgets = list(dict.fromkeys(c["budget"] for c in ok if c["strategy"] != "none" and not c.get("matched_to")))
+    lines = ["| task | strategy | n | " + " | ".join(budgets) + " |", "|" + "---|" * (len(budgets) + 3)]
     for task in dict.fromkeys(c["task"] for c in ok):
-        rows = [c for c in ok if c["task"] == task]
+        rows = [c for c in ok if c["task"] == task and not c.get("matched_to")]
         for strategy in dict.fromkeys(c["strategy"] for c in rows):
             by = {c["budget"]: c for c in rows if c["strategy"] == strategy}
+            n = "/".join(sorted({str(c.get("samples")) for c in by.values()}))
             if strategy == "none":
-                acc = f"{100 * float(next(iter(by.values()))['accuracy']):.1f}"
-                lines.append(f"| {task} | none (all tokens) | " + " | ".join(acc for _ in budgets) + " |")
+                acc = format_accuracy(next(iter(by.values())))
+                lines.append(f"| {task} | none (all tokens) | {n} | " + " | ".join(acc for _ in budgets) + " |")
                 continue
-            vals = [f"{100 * float(by[b]['accuracy']):.1f}" if b in by else "-" for b in budgets]
-            lines.append(f"| {task} | {strategy} | " + " | ".join(vals) + " |")
+            vals = [format_accuracy(by[b]) if b in by else "-" for b in budgets]
+            lines.append(f"| {task} | {strategy} | {n} | " + " | ".join(vals) + " |")
+    matched = [c for c in ok if c.get("matched_to")]
+    if matched:
+        lines += [
+            "",
+            "| task | pre-LLM strategy | keep (equal compute) | matched to | n | accuracy |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in matched:
+            lines.append(
+                f"| {c['task']} | {c['strategy']} | {c['budget']} | {c['matched_to']} | {c.get('samples')} | "
+                f"{format_accuracy(c)} |"
+            )
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------- backends
 
 
 class InProcessBackend:
@@ -253,16 +296,26 @@ class LmmsEvalBackend:
     name = "lmms-eval"
 
     def __init__(self, model: str | None, device: str | None, dtype: str, batch_size: int) -> None:
-        try:
-            from lmms_eval.tasks import TaskManager
-        except ImportError:
-            raise ImportError("the lmms-eval backend needs lmms-eval: pip install 'vtokprune[lmms-eval]'") from None
-        from .lmms import tasks_path
         from .lmms.model import VTokPruneLMM
 
+        self.task_manager = lmms_task_manager()
         self.lm = VTokPruneLMM(pretrained=model or "embedded", device=device, dtype=dtype, batch_size=batch_size)
-        self.task_manager = TaskManager("WARNING", include_path=tasks_path())
+        self.engine = self.lm.engine
         self.batch_size = batch_size
+
+    @staticmethod
+    def check_tasks(tasks: list[str]) -> None:
+        known = set(lmms_task_manager().all_tasks)
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            import difflib
+
+            hints = [
+                f"{t!r}"
+                + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(t, known, 1)) else "")
+                for t in unknown
+            ]
+            raise ValueError(f"unknown lmms-eval task {', '.join(hints)}; `lmms-eval --tasks list` lists them")
 
     def run(self, task: str, strategy: Any, limit: int | None) -> dict[str, Any]:
         from lmms_eval import evaluator
@@ -270,6 +323,12 @@ class LmmsEvalBackend:
         self.lm.set_strategy(strategy)
         engine = self.lm.engine
         engine.reset_stats()
+        try:
+            from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics
+
+            reset_logged_metrics()  # throughput (kept visual tokens over every rank) per cell, not cumulative
+        except ImportError:  # pragma: no cover
+            pass
         results = evaluator.simple_evaluate(
             model=self.lm,
             tasks=[task],
@@ -279,6 +338,7 @@ class LmmsEvalBackend:
             log_samples=False,
             verbosity="WARNING",
             bootstrap_iters=0,
+            distributed_executor_backend="torchrun" if _distributed() else "accelerate",  # as lmms-eval's CLI does
         )
         if results is None:  # non-zero ranks under accelerate
             return {"accuracy": None, "metric": None, "samples": 0}
@@ -286,8 +346,11 @@ class LmmsEvalBackend:
         metric, accuracy = _primary_metric(metrics)
         stats = engine.stats.summary()
         samples = int(results.get("n-samples", {}).get(task, {}).get("effective", 0) or 0)
-        if samples:
-            stats["ms_per_sample"] = round(1e3 * engine.stats.seconds / samples, 3)
+        if engine.stats.samples:  # this process's own samples: per-sample latency of one model copy
+            stats["ms_per_sample"] = round(1e3 * engine.stats.seconds / engine.stats.samples, 3)
+        kept = results.get("throughput", {}).get("avg_visual_tokens_kept")
+        if kept is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            stats["kept_tokens"] = round(float(kept), 2)  # every rank's samples, not only this one's
         return {
             "accuracy": accuracy,
             "metric": metric,
@@ -295,6 +358,22 @@ class LmmsEvalBackend:
             **stats,
             "samples": samples or stats["samples"],
         }
+
+
+_TASK_MANAGER: list[Any] = []
+
+
+def lmms_task_manager() -> Any:
+    """lmms-eval's task index with vtokprune's local tasks, built once per process."""
+    if not _TASK_MANAGER:
+        try:
+            from lmms_eval.tasks import TaskManager
+        except ImportError:
+            raise ImportError("the lmms-eval backend needs lmms-eval: pip install 'vtokprune[lmms-eval]'") from None
+        from .lmms import tasks_path
+
+        _TASK_MANAGER.append(TaskManager("WARNING", include_path=tasks_path()))
+    return _TASK_MANAGER[0]
 
 
 def _primary_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
@@ -327,6 +406,53 @@ def _progress(total: int, quiet: bool) -> Any:
         return None
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_tasks(tasks: list[str], backend: str) -> None:
+    """Unknown task names fail before any model is loaded."""
+    if not tasks:
+        raise ValueError("--tasks names no task; e.g. --tasks vtokprune_toy")
+    if backend == "inprocess":
+        unknown = [t for t in tasks if t not in LOCAL_TASKS]
+        if unknown:
+            raise ValueError(
+                f"unknown task {', '.join(map(repr, unknown))} for the inprocess backend, which runs "
+                f"{', '.join(LOCAL_TASKS)}; use --backend lmms-eval for lmms-eval's tasks"
+            )
+    elif backend == "lmms-eval":
+        LmmsEvalBackend.check_tasks(tasks)
+
+
+def _params_for(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The --set parameters that apply to strategy `name` alone (for cells added after the plan, e.g. matched)."""
+    import dataclasses
+
+    from .registry import available_strategies
+
+    fields = {f.name for f in dataclasses.fields(available_strategies()[name])}
+    return {k: v for k, v in params.items() if k.partition(".")[0] == name or ("." not in k and k in fields)}
+
+
+def _compute_fields(engine: Any, strategy: Any, cell: dict[str, Any]) -> dict[str, Any]:
+    from .compute import compute_record
+
+    available, text = cell.get("available_tokens"), cell.get("text_tokens")
+    if engine is None or not available:
+        return {}
+    try:
+        return compute_record(engine.model.config, strategy, round(float(available)), round(float(text or 0)))
+    except (AttributeError, TypeError, ValueError):  # a config without a decoder shape: no compute fields
+        return {}
+
+
 def run_sweep(
     model: str | None = None,
     strategies: Iterable[str] = DEFAULT_STRATEGIES,
@@ -342,88 +468,182 @@ def run_sweep(
     plots: bool = True,
     quiet: bool = False,
     log: Callable[[str], None] = print,
+    params: dict[str, Any] | None = None,
+    match_compute: bool = False,
 ) -> dict[str, Any]:
     """Run every missing cell, then write results.json, results.csv and the plots under `out`; returns the report
-    (``cells``, plus ``computed``: how many cells this call ran)."""
+    (``cells``; ``computed``: how many cells this call ran; ``checks``: the random-floor check per task).
+
+    `params`: strategy parameters (`{"layer": 3}` for every strategy that has one, `{"fastv.layer": 3}` for one).
+    `match_compute`: after the plan, run every pre-LLM strategy again at the keep that matches each in-LLM /
+    multi-stage result's average visual tokens over decoder layers (see :mod:`vtokprune.compute`).
+    Under torchrun (WORLD_SIZE > 1, lmms-eval backend) every rank runs the cells; only rank 0 writes files.
+    """
+    from .cli import build_strategies
     from .errors import VTokPruneError
-    from .registry import get_strategy
+    from .registry import available_strategies
+    from .reporting import add_interval, environment, random_floor_check
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and backend != "lmms-eval":
+        raise ValueError("a multi-process sweep (torchrun / --processes) needs --backend lmms-eval")
+    main_rank = _rank() == 0
+    quiet = quiet or not main_rank
     out = Path(out)
     results_path = out / "results.json"
     data = load_results(results_path)
     model_name = model or "embedded"
+    task_list = [str(t).strip() for t in tasks if str(t).strip()]
     budget_list = [b if isinstance(b, Budget) else parse_budget(b) for b in budgets]
+    if not budget_list:
+        raise ValueError("--budgets names no budget; e.g. --budgets 192,128,64 or 0.25")
     names = [s.strip().lower() for s in strategies if s.strip() and s.strip().lower() != "none"]
-    for name in names:
-        get_strategy(name, **budget_list[0].kwargs())  # unknown names and bad budgets fail before any work
-    plan = [(task, "none", Budget()) for task in tasks]
-    plan += [(task, name, budget) for task in tasks for name in names for budget in budget_list]
-    done = {cell_key(c): c for c in data["cells"]}
-    todo = []
-    for task, name, budget in plan:
-        key_cell: dict[str, Any] = {
+    params = dict(params or {})
+    params_label = ",".join(f"{k}={v!r}" for k, v in sorted(params.items())) or None
+    built = {b: build_strategies(names, b.kwargs(), params) for b in budget_list}  # every error before any work
+    check_tasks(task_list, backend)
+    plan: list[tuple[str, str, Budget, str | None]] = [(task, "none", Budget(), None) for task in task_list]
+    plan += [(task, name, budget, None) for task in task_list for name in names for budget in budget_list]
+    strategy_of = {(name, budget): built[budget][name] for name in names for budget in budget_list}
+    wanted: set[tuple[str, ...]] = set()
+    state: dict[str, Any] = {"runner": None, "computed": 0}
+
+    def key_for(task: str, name: str, budget: Budget, matched: str | None) -> dict[str, Any]:
+        return {
             "model": model_name,
             "backend": backend,
             "task": task,
             "strategy": name,
             "budget": budget.label,
             "limit": limit,
+            "params": params_label if name != "none" else None,
+            **({"matched_to": matched} if matched else {}),
         }
-        if force or cell_key(key_cell) not in done:
-            todo.append((task, name, budget, key_cell))
-    if not quiet:
-        log(f"sweep: {len(plan)} cells, {len(plan) - len(todo)} already in {results_path}, {len(todo)} to run")
-    runner = BACKENDS[backend](model, device, dtype, batch_size) if todo else None
-    bar = _progress(len(todo), quiet)
-    for i, (task, name, budget, key_cell) in enumerate(todo):
-        start = time.time()
-        cell: dict[str, Any] = dict(key_cell)
-        try:
-            strategy = None if name == "none" else get_strategy(name, **budget.kwargs())
-            assert runner is not None
-            cell.update(runner.run(task, strategy, limit), status="ok")
-        except (VTokPruneError, NotImplementedError, ValueError, TypeError) as e:
-            cell.update(status="error", error=f"{type(e).__name__}: {e}")
-        cell["wall_seconds"] = round(time.time() - start, 3)
-        cell["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        data["cells"] = [c for c in data["cells"] if cell_key(c) != cell_key(cell)] + [cell]
-        engine = getattr(runner, "engine", None) or getattr(getattr(runner, "lm", None), "engine", None)
-        data["description"] = getattr(engine, "description", data.get("description"))
-        save_results(results_path, data)
-        line = f"{task} {name} {budget.label}: " + (
-            f"acc={cell['accuracy']:.3f} kept={cell.get('kept_tokens')} {cell.get('ms_per_sample')} ms/sample"
-            if cell["status"] == "ok" and cell.get("accuracy") is not None
-            else cell.get("error", "no result")
-        )
+
+    def run_cells(cells_plan: list[tuple[str, str, Budget, str | None]]) -> None:
+        done = {cell_key(c): c for c in data["cells"]}
+        todo = []
+        for task, name, budget, matched in cells_plan:
+            key_cell = key_for(task, name, budget, matched)
+            wanted.add(cell_key(key_cell))
+            if force or cell_key(key_cell) not in done:
+                todo.append((task, name, budget, key_cell))
+        if not quiet:
+            log(
+                f"sweep: {len(cells_plan)} cells, {len(cells_plan) - len(todo)} already in {results_path}, "
+                f"{len(todo)} to run"
+            )
+        if todo and state["runner"] is None:
+            state["runner"] = BACKENDS[backend](model, device, dtype, batch_size)
+        runner = state["runner"]
+        engine = getattr(runner, "engine", None)
+        bar = _progress(len(todo), quiet)
+        for i, (task, name, budget, key_cell) in enumerate(todo):
+            start = time.time()
+            cell: dict[str, Any] = dict(key_cell)
+            strategy = None
+            try:
+                strategy = (
+                    None
+                    if name == "none"
+                    else strategy_of.get((name, budget))
+                    or build_strategies([name], budget.kwargs(), _params_for(name, params))[name]
+                )
+                cell.update(runner.run(task, strategy, limit), status="ok")
+                add_interval(cell)
+                cell.update(_compute_fields(engine, strategy, cell))
+            except (VTokPruneError, NotImplementedError, ValueError, TypeError) as e:
+                cell.update(status="error", error=f"{type(e).__name__}: {e}")
+            if strategy is not None:
+                cell["strategy_config"] = repr(strategy)
+            cell["wall_seconds"] = round(time.time() - start, 3)
+            cell["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            data["cells"] = [c for c in data["cells"] if cell_key(c) != cell_key(cell)] + [cell]
+            data["description"] = getattr(engine, "description", data.get("description"))
+            model_obj = getattr(engine, "model", None)
+            data["environment"] = environment(getattr(engine, "device", device), getattr(model_obj, "dtype", dtype))
+            if main_rank:
+                save_results(results_path, data)
+            state["computed"] += 1
+            line = f"{task} {name} {budget.label}: " + (
+                f"acc={cell['accuracy']:.3f} kept={cell.get('kept_tokens')} {cell.get('ms_per_sample')} ms/sample"
+                if cell["status"] == "ok" and cell.get("accuracy") is not None
+                else cell.get("error", "no result")
+            )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{task} {name} {budget.label}")
+                if cell["status"] != "ok":
+                    bar.write(line)
+            elif not quiet:
+                log(f"[{i + 1}/{len(todo)}] {line}")
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{task} {name} {budget.label}")
-            if cell["status"] != "ok":
-                bar.write(line)
-        elif not quiet:
-            log(f"[{i + 1}/{len(todo)}] {line}")
-    if bar is not None:
-        bar.close()
-    wanted = {
-        cell_key({"model": model_name, "backend": backend, "task": t, "strategy": n, "budget": b.label, "limit": limit})
-        for t, n, b in plan
-    }
+            bar.close()
+
+    run_cells(plan)
+    if match_compute:
+        kinds = available_strategies()
+        pre_llm = [n for n in names if kinds[n].acts == "vision"]
+        extra: list[tuple[str, str, Budget, str | None]] = []
+        for c in list(data["cells"]):
+            if cell_key(c) not in wanted or c.get("status") != "ok" or c.get("matched_to"):
+                continue
+            if c["strategy"] == "none" or kinds[c["strategy"]].acts != "llm" or not c.get("equivalent_keep"):
+                continue
+            for name in pre_llm:
+                extra.append(
+                    (c["task"], name, Budget(keep=int(c["equivalent_keep"])), f"{c['strategy']} {c['budget']}")
+                )
+        run_cells(extra)
     cells = [c for c in data["cells"] if cell_key(c) in wanted]
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "results.csv", cells)
-    pngs = write_plots(out, cells) if plots else []
-    return {
-        "cells": cells,
-        "computed": len(todo),
-        "results": str(results_path),
-        "csv": str(out / "results.csv"),
-        "plots": [str(p) for p in pngs],
-    }
+    checks = random_floor_check(cells)
+    report: dict[str, Any] = {"cells": cells, "computed": state["computed"], "checks": checks, "plots": []}
+    report.update(results=str(results_path), csv=str(out / "results.csv"))
+    if main_rank:
+        data["checks"] = checks
+        data.setdefault("environment", environment(device, dtype))
+        save_results(results_path, data)
+        write_csv(out / "results.csv", cells)
+        report["plots"] = [str(p) for p in (write_plots(out, cells) if plots else [])]
+    return report
+
+
+def failure_reason(cells: list[dict[str, Any]]) -> str | None:
+    """Why a sweep produced nothing to compare: no pruned cell succeeded (None when at least one did)."""
+    pruned = [c for c in cells if c.get("strategy") != "none"]
+    if not pruned or any(c.get("status") == "ok" for c in pruned):
+        return None
+    errors = list(dict.fromkeys(str(c.get("error")) for c in pruned))
+    return f"no pruned cell succeeded ({len(pruned)} failed): " + "; ".join(errors[:5])
+
+
+def _relaunch(argv: list[str], processes: int) -> int:
+    """Run this same sweep under torchrun with `processes` processes (lmms-eval shards each cell's documents)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    cmd += ["--master_port", str(port), "-m", "vtokprune.cli", "sweep", *rest]
+    print("running: " + " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import parse_sets, strategy_names
+
     parser = argparse.ArgumentParser(
         prog="vtokprune sweep",
         description="Accuracy and latency of pruning strategies x token budgets x tasks; resumable; JSON, CSV, PNG.",
@@ -449,15 +669,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="recompute cells already in the results file")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="strategy parameter, repeatable: --set layer=3 (every strategy that has it) or --set fastv.layer=3",
+    )
+    parser.add_argument(
+        "--match-compute",
+        action="store_true",
+        help="also run each pre-LLM strategy at the keep matching every in-LLM result's average visual tokens",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="lmms-eval backend: data-parallel processes on this machine (relaunches itself under torchrun)",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    argv = argv[1:] if argv[:1] == ["--"] else argv
+    args = parser.parse_args(argv)
+    names = strategy_names(args.strategies)
+    params = parse_sets(args.set)
+    if args.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if args.backend != "lmms-eval":
+            raise ValueError("--processes needs --backend lmms-eval (lmms-eval shards the documents by rank)")
+        return _relaunch(argv, args.processes)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     report = run_sweep(
         model=args.model,
-        strategies=[s for s in args.strategies.split(",") if s.strip()],
+        strategies=names,
         budgets=[b for b in args.budgets.split(",") if b.strip()],
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
         limit=args.limit or None,
@@ -468,10 +712,25 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         force=args.force,
         plots=not args.no_plots,
+        params=params,
+        match_compute=args.match_compute,
     )
+    if _rank() != 0:
+        return 0
     print()
     print(table(report["cells"]))
+    for check in report["checks"]:
+        verdict = "passed" if check["passed"] else "FAILED"
+        print(
+            f"\nrandom-floor check ({check['task']}): random at {check['budget']} {100 * check['random']:.1f}% vs "
+            f"unpruned {100 * check['unpruned']:.1f}% (drop {100 * check['drop']:.1f} points, needs >= "
+            f"{100 * check['min_drop']:.0f} with separate 95% intervals): {verdict}"
+        )
     print(f"\nwrote {report['results']}, {report['csv']}" + "".join(f", {p}" for p in report["plots"]))
+    reason = failure_reason(report["cells"])
+    if reason:
+        print(f"vtokprune sweep: error: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import transformers
 from torch import nn
 
-from ..compaction import Compaction
+from ..compaction import Compaction, renumber_contiguous
+from ..compat import cache_from_output, native_cache_name, normalise_cache_args
 from ..errors import CapabilityError, PruningStateError
 from ..probe import attention_rows, install_probe, probing, uninstall_probe
 from ..runtime import CacheRecord, ForwardRun, PrunerState, Selection, active_run, decoder_pre_hook, make_stage_probe
 from ..strategies.base import LLMStrategy, Strategy, VisionSelection, VisionSignals, VisionStrategy
+from .hooks import InstalledHook, LabelledForward, PrunedForward, adapter_pass, bypass_guard, check_cache_lengths
 
 
 @dataclass
@@ -38,6 +41,7 @@ class EncodedImages:
     signals: dict[int, VisionSignals]  # group key (the token count T for most families) -> signals of its images
     groups: dict[int, list[int]]  # group key -> indices of those images (all with the same T and layout)
     layout: Any = None  # adapter-private: how each image's tokens sit in its placeholder run (e.g. LLaVA-NeXT)
+    preselected: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (kept, features) chosen in the tower
 
 
 class Adapter:
@@ -73,6 +77,17 @@ class Adapter:
 
     def has_cls(self) -> bool:
         return False
+
+    def mrope(self) -> bool:
+        """True for 3-D (M-RoPE) positions, which always keep their original values."""
+        return False
+
+    def signal_layer(self, strategy: VisionStrategy) -> int:
+        """The vision layer the strategy selects at: its in-tower layer (adapters/in_tower.py), else feature_layer."""
+        from .in_tower import selection_layer
+
+        layer = selection_layer(self, strategy)
+        return self.feature_layer() if layer is None else layer
 
     def supported_signals(self) -> frozenset[str]:
         """Vision signals (beyond `features`) this adapter can give strategies."""
@@ -155,6 +170,9 @@ class Adapter:
                 "token; choose a strategy without [CLS] (e.g. 'divprune', 'pool', 'fastv')"
             )
         if isinstance(strategy, VisionStrategy):
+            from .in_tower import check_in_tower
+
+            check_in_tower(self, strategy)
             missing = set(strategy.needs) - set(self.supported_signals())
             if missing:
                 raise CapabilityError(
@@ -176,32 +194,36 @@ class Adapter:
         module = self.wrapped_module()
         original = module.forward
         signature = inspect.signature(original)
-        adapter = self
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            return adapter.pruned_forward(state, original, dict(bound.arguments))
-
-        module.forward = forward  # instance attribute shadows the class method; `del` restores it
+        self.cache_name = native_cache_name(signature.parameters, f"{type(module).__name__}.forward")
+        # instance attribute shadows the class method; `del` restores it
+        module.forward = PrunedForward(self, state, original, signature)
         state.handles.append(("forward", module))
+        top: Any = self.model
+        if top is not module and "labels" in inspect.signature(top.forward).parameters:
+            top.forward = LabelledForward(self, state, top.forward)
+            state.handles.append(("forward", top))
+        self._install_guards(state)
         if isinstance(strategy, VisionStrategy):
             encoder: Any = self.image_encoder_module()
             for name, encode in self.encoder_hooks().items():
-                setattr(encoder, name, _encoder_hook(getattr(encoder, name), encode, strategy))
+                setattr(encoder, name, InstalledHook(_encoder_hook(getattr(encoder, name), encode, strategy)))
                 state.handles.append(("method", (encoder, name)))
-            for layer in strategy.vision_layers(self.vision_num_layers(), self.feature_layer()):
+            for layer in strategy.vision_layers(self.vision_num_layers(), self.signal_layer(strategy)):
                 attn: Any = self.vision_attention(layer)
                 install_probe(attn)
                 state.handles.append(("probe", attn))
         if isinstance(strategy, LLMStrategy):
             layers: Any = self.decoder_layers()
             for stage in strategy.schedule(len(layers), 1 << 20):
-                attn = layers[stage - 1].self_attn
+                attn = layers[strategy.probe_layer(stage)].self_attn
                 install_probe(attn)
                 state.handles.append(("probe", attn))
             for i, decoder_layer in enumerate(layers):
                 state.handles.append(
-                    ("hook", decoder_layer.register_forward_pre_hook(decoder_pre_hook(i), with_kwargs=True))
+                    (
+                        "hook",
+                        decoder_layer.register_forward_pre_hook(InstalledHook(decoder_pre_hook(i)), with_kwargs=True),
+                    )
                 )
 
     def uninstall(self, state: PrunerState) -> None:
@@ -218,10 +240,22 @@ class Adapter:
         state.handles.clear()
 
     # ------------------------------------------------------------------ the wrapped forward
+    def _install_guards(self, state: PrunerState) -> None:
+        """A pre-hook on the first decoder layer that refuses calls which did not come through `pruned_forward`
+        while a filled KV cache is in use: such a call would decode against a pruned cache as if it were whole."""
+        layers: Any = self.decoder_layers()
+        guard = InstalledHook(bypass_guard(state))
+        state.handles.append(("hook", layers[0].register_forward_pre_hook(guard, with_kwargs=True)))
+
     def pruned_forward(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
         extra = args.pop("kwargs", None) or {}
         args.update(extra)
-        past = args.get("past_key_values")
+        args = normalise_cache_args(args, self.cache_name)
+        with adapter_pass(state):
+            return self._route(state, original, args)
+
+    def _route(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
+        past = args.get(self.cache_name)
         record = state.record_for(past)
         has_images = self._has_images(args)
         if record is not None:
@@ -230,16 +264,24 @@ class Adapter:
                     "vtokprune: new images after a pruned prefill on the same cache are not supported; "
                     "start a new cache (or call vtokprune.remove(model) for multi-turn image chats)"
                 )
+            state.calls["decode"] += 1
             return self._decode(state, original, args, record)
+        if past is not None and past.get_seq_length() > 0:
+            raise PruningStateError(
+                f"vtokprune: this call continues a KV cache of {past.get_seq_length()} tokens that vtokprune has no "
+                f"record of (filled before vtokprune.apply, by another model, or passed in a way vtokprune did not "
+                f"see; transformers {transformers.__version__}). Decoding on would mix pruned and unpruned state: "
+                "prefill again with a new cache, or call vtokprune.remove(model) to continue it unpruned"
+            )
         ids = args.get("input_ids")
         if not has_images or ids is None or not bool(self.visual_token_mask(ids).any()):
             state.last_selection = None
-            return original(**args)  # text-only input: untouched
-        if past is not None and past.get_seq_length() > 0:
-            raise PruningStateError(
-                "vtokprune: pruning a prefill that continues a filled KV cache is not supported; "
-                "prefill prompt and image together"
-            )
+            state.calls["text_only"] += 1
+            out = original(**args)  # text-only input: untouched, but its cache is known from now on
+            length = (ids if ids is not None else args["inputs_embeds"]).shape[1]
+            state.remember(cache_from_output(out), CacheRecord(outer=None, outer_len=length, lm_len=length))
+            return out
+        state.calls["prefill"] += 1
         return self._prefill(state, original, args)
 
     def _has_images(self, args: dict[str, Any]) -> bool:
@@ -268,34 +310,41 @@ class Adapter:
                 available=[f.shape[0] for f in encoded.features],
                 sample_of=self._sample_of(image_mask, counts),
             )
-            args = self.compact_args(args, outer)
+            args = self.compact_args(args, outer, strategy.positions)
             out = self.call_pruned(original, args, run_feats)
             record = CacheRecord(outer=outer, outer_len=outer_len, lm_len=outer.length)
+            record.contiguous = strategy.positions == "contiguous" and args["position_ids"].dim() == 2
+            compaction: Compaction | None = outer
         else:
             assert isinstance(strategy, LLMStrategy)
             encoded_counts = self.image_token_counts(args)
             run = self._llm_run(state, strategy, image_mask, args.get("attention_mask"), encoded_counts)
             layers: Any = self.decoder_layers()
-            probes = {id(layers[k - 1].self_attn): make_stage_probe(k) for k in run.budgets}
+            probes = {id(layers[strategy.probe_layer(k)].self_attn): make_stage_probe(k) for k in run.budgets}
             with active_run(run), probing(probes):
                 out = original(**args)
             record = CacheRecord(outer=None, outer_len=outer_len, lm_len=outer_len, stages=run.new_stages)
             selection = self._llm_selection(run, image_mask, encoded_counts)
+            compaction = run.current
         state.last_selection = selection
-        state.remember(getattr(out, "past_key_values", None), record)
+        state.set_call_compaction(compaction)
+        state.remember(cache_from_output(out), record)
         return out
 
     def _decode(
         self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any], record: CacheRecord
     ) -> Any:
-        past = args["past_key_values"]
+        past = args[self.cache_name]
         past_len = past.get_seq_length()  # layer 0: the LM-level length so far
         ids = args["input_ids"] if args.get("input_ids") is not None else args["inputs_embeds"]
         q = ids.shape[1]
+        check_cache_lengths(record, past, args.get("attention_mask"), q)
         if record.outer is not None:
             outer = record.outer
             done_new = past_len - record.lm_len  # tokens generated after the prefill so far
-            if args.get("position_ids") is None:
+            if record.contiguous:  # the compact sequence is the input: continue from the cache length
+                args["position_ids"] = (torch.arange(q, device=ids.device) + past_len).expand(ids.shape[0], q)
+            elif args.get("position_ids") is None:
                 args["position_ids"] = self.decode_positions(args, record, past_len)
             mask = args.get("attention_mask")
             if mask is not None and mask.dim() == 2:
@@ -315,6 +364,7 @@ class Adapter:
             budgets={},
             num_layers=len(self.decoder_layers()),
             eager=self._eager(),
+            flat_masks=self._flat_masks(),
             record=record,
             kv_len=past_len + q,
         )
@@ -332,6 +382,9 @@ class Adapter:
     def _eager(self) -> bool:
         return getattr(self.text_config(), "_attn_implementation", "sdpa") == "eager"
 
+    def _flat_masks(self) -> bool:
+        return "flash" in str(getattr(self.text_config(), "_attn_implementation", ""))
+
     def _attach_prompts(self, encoded: EncodedImages, image_mask: torch.Tensor, args: dict[str, Any]) -> None:
         """Give text-guided strategies the prompt (real, non-image token ids) each image belongs to."""
         ids = args["input_ids"]
@@ -340,10 +393,13 @@ class Adapter:
         samples = self._sample_of(image_mask, self.placeholder_counts(encoded))
         for count, members in encoded.groups.items():
             encoded.signals[count].prompt_ids = [ids[samples[i]][valid[samples[i]]] for i in members]
+            encoded.signals[count].embed_tokens = self.model.get_input_embeddings()
 
     def _select(
         self, strategy: VisionStrategy, encoded: EncodedImages
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if encoded.preselected is not None:  # selected inside the vision tower
+            return encoded.preselected
         kept: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
         feats: list[torch.Tensor] = [torch.empty(0)] * len(encoded.features)
         for key, members in encoded.groups.items():
@@ -386,11 +442,12 @@ class Adapter:
             keep[sample, cols[idx.to(cols.device)]] = True
         return keep
 
-    def compact_args(self, args: dict[str, Any], outer: Compaction) -> dict[str, Any]:
-        """Shorten ids, mask and positions to the kept tokens; positions stay those of the full sequence."""
+    def compact_args(self, args: dict[str, Any], outer: Compaction, positions_mode: str = "original") -> dict[str, Any]:
+        """Shorten ids, mask and positions to the kept tokens; positions stay those of the full sequence, or are
+        renumbered contiguously (`positions_mode="contiguous"`, 1-D positions only)."""
         args = dict(args)
         ids = args["input_ids"]
-        past = args.get("past_key_values")
+        past = args.get(self.cache_name)
         past_len = past.get_seq_length() if past is not None else 0
         positions = args.get("position_ids")
         if positions is None:
@@ -408,6 +465,8 @@ class Adapter:
             # position_ids as boundaries of packed sequences.
             args["attention_mask"] = outer.valid.long()
         args["position_ids"] = outer.gather(positions, fill=1, dim=-1)
+        if positions_mode == "contiguous":
+            args["position_ids"] = renumber_contiguous(args["position_ids"], past_len)
         return args
 
     def pad_token_id(self) -> int:
@@ -456,7 +515,9 @@ class Adapter:
             budgets=budgets,
             num_layers=len(layers),
             eager=self._eager(),
+            flat_masks=self._flat_masks(),
             image_ids=image_ids,
+            contiguous=strategy.positions == "contiguous" and not self.mrope(),
         )
 
     def _llm_selection(self, run: ForwardRun, image_mask: torch.Tensor, counts: list[int]) -> Selection:

@@ -60,6 +60,8 @@ class InternVLAdapter(LlavaAdapter):
             raise NotImplementedError("vtokprune: InternVL with vision_feature_select_strategy='full'")
         args = dict(args)
         args["return_dict"] = True
+        if strategy.needs & {"hidden", "projector"}:  # inside an outer forward, hidden states are off
+            args["output_hidden_states"] = True
         out, captured = run_with_vision_probes(self, strategy, cls_offset, lambda: original(**args))
         features = out.pooler_output  # [P, T, D]
         t = int(features.shape[1])

@@ -11,6 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..strategies.base import VisionSignals, VisionStrategy
+from . import in_tower
 from .base import Adapter, EncodedImages, run_with_vision_probes
 from .vit_layout import block_attention, has_cls_token, vision_blocks
 
@@ -61,6 +62,11 @@ class LlavaAdapter(Adapter):
     def has_cls(self) -> bool:
         return has_cls_token(self.inner.vision_tower)  # SigLIP towers have none
 
+    def supported_signals(self) -> frozenset[str]:
+        # the projector maps each feature-layer token alone to one LLM token only in plain LLaVA-1.5
+        exact = type(self) is LlavaAdapter and isinstance(self.inner.config.vision_feature_layer, int)
+        return super().supported_signals() | ({"projector"} if exact else set())
+
     def _keeps_cls(self, args: dict[str, Any]) -> bool:
         strategy = args.get("vision_feature_select_strategy") or self.inner.config.vision_feature_select_strategy
         return strategy == "full"
@@ -70,9 +76,16 @@ class LlavaAdapter(Adapter):
         return {k: args.get(k) for k in keys} | {"return_dict": True}
 
     def encode_images(self, original: Callable[..., Any], args: dict[str, Any], strategy: VisionStrategy) -> Any:
+        if strategy.in_tower_layer is not None:
+            return in_tower.encode_llava(self, original, args, strategy)
         cls_offset = 0 if self._keeps_cls(args) else 1
         args = dict(args)
         args["return_dict"] = True
+        exact = "projector" in self.supported_signals()
+        wants_cls = exact and cls_offset == 1 and "cls_feature" in strategy.wants
+        wants_projector = exact and "projector" in strategy.needs | strategy.wants
+        if "hidden" in strategy.needs or wants_cls or wants_projector:  # inside an outer forward, hidden states are off
+            args["output_hidden_states"] = True
         out, captured = run_with_vision_probes(self, strategy, cls_offset, lambda: original(**args))
         features = list(out.pooler_output)
         hidden: dict[int, torch.Tensor] = {}
@@ -80,6 +93,9 @@ class LlavaAdapter(Adapter):
             for layer in strategy.vision_layers(self.vision_num_layers(), self.feature_layer()):
                 hidden[layer] = out.hidden_states[layer][:, cls_offset:]
         t = features[0].shape[0]
+        projector_input = None
+        if wants_projector:
+            projector_input = out.hidden_states[self._feature_hidden_index()][:, cls_offset:]
         side = math.isqrt(t)
         signals = VisionSignals(
             features=torch.stack(features),
@@ -90,7 +106,12 @@ class LlavaAdapter(Adapter):
             cls_keys=captured.get("cls_keys", {}),
             cls_values=captured.get("cls_values", {}),
             hidden=hidden,
+            projector=self.inner.multi_modal_projector if projector_input is not None else None,
+            projector_input=projector_input,
         )
+        if wants_cls:
+            cls_hidden = out.hidden_states[self._feature_hidden_index()][:, 0]
+            signals.cls_feature = self.inner.multi_modal_projector(cls_hidden)
         out._vtokprune_encoded = EncodedImages(
             features=features, signals={t: signals}, groups={t: list(range(len(features)))}
         )

@@ -38,6 +38,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from ..errors import PruningStateError
 from ..strategies.base import VisionSignals, VisionStrategy
+from . import in_tower
 from .base import EncodedImages, run_with_vision_probes
 from .llava import LlavaAdapter
 
@@ -123,10 +124,14 @@ class LlavaNextAdapter(LlavaAdapter):
         return {k: args.get(k) for k in keys} | {"return_dict": True}
 
     def encode_images(self, original: Callable[..., Any], args: dict[str, Any], strategy: VisionStrategy) -> Any:
+        if strategy.in_tower_layer is not None:
+            return in_tower.encode_llava_next(self, original, args, strategy)
         if self._keeps_cls(args):
             raise NotImplementedError("vtokprune: LLaVA-NeXT with vision_feature_select_strategy='full'")
         args = dict(args)
         args["return_dict"] = True
+        if strategy.needs & {"hidden", "projector"}:  # inside an outer forward, hidden states are off
+            args["output_hidden_states"] = True
         out, captured = run_with_vision_probes(self, strategy, 1, lambda: original(**args))
         packed = list(out.pooler_output)
         layouts = [self.layout(s) for s in args["image_sizes"]]

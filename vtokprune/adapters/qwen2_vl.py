@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..compat import cache_from_output
+from ..errors import PruningStateError
 from ..runtime import CacheRecord, PrunerState
 from ..strategies.base import VisionSignals, VisionStrategy
 from .base import Adapter, EncodedImages
@@ -64,6 +66,9 @@ class Qwen2VLAdapter(Adapter):
 
     def feature_layer(self) -> int:
         return self.vision_num_layers() - 1
+
+    def mrope(self) -> bool:
+        return True
 
     def supported_signals(self) -> frozenset[str]:
         return frozenset({"grid"})  # an image's merged tokens form an (h/2, w/2) grid; videos do not
@@ -234,14 +239,14 @@ class Qwen2VLAdapter(Adapter):
         next_position = top + 1
         self.inner.rope_deltas = (next_position - valid.sum(dim=1))[:, None]
         out = forward(**args)
-        cache = getattr(out, "past_key_values", None)
+        cache = cache_from_output(out)
         if cache is not None:
             self._next_position[cache] = next_position
         return out
 
     def _prefill(self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any]) -> Any:
         out = super()._prefill(state, original, args)
-        cache = getattr(out, "past_key_values", None)
+        cache = cache_from_output(out)
         deltas = getattr(self.inner, "rope_deltas", None)
         if cache is not None and cache not in self._next_position and deltas is not None:
             # In-LLM strategies: the model computed the positions itself; continue from them the way it would.
@@ -254,17 +259,20 @@ class Qwen2VLAdapter(Adapter):
     def _decode(
         self, state: PrunerState, original: Callable[..., Any], args: dict[str, Any], record: CacheRecord
     ) -> Any:
-        if args.get("position_ids") is None and record.outer is None:
+        if args.get("position_ids") is None and record.outer is None and record.stages:
             # transformers' own fallback (positions from the whole 2-D mask) breaks on one-token decoding steps.
-            args["position_ids"] = self.decode_positions(args, record, args["past_key_values"].get_seq_length())
+            args["position_ids"] = self.decode_positions(args, record, args[self.cache_name].get_seq_length())
         return super()._decode(state, original, args, record)
 
     def decode_positions(self, args: dict[str, Any], record: CacheRecord, past_len: int) -> torch.Tensor:
         ids = args["input_ids"] if args.get("input_ids") is not None else args["inputs_embeds"][..., 0]
         b, q = ids.shape[:2]
-        start = self._next_position.get(args["past_key_values"])
-        if start is None:  # should not happen; fall back on the model's own rope_deltas arithmetic
-            start = torch.full((b,), record.outer_len, device=ids.device) + self.inner.rope_deltas[:, 0]
+        start = self._next_position.get(args[self.cache_name])
+        if start is None:
+            raise PruningStateError(
+                "vtokprune: no M-RoPE start position was recorded for this pruned KV cache; the prefill did not "
+                "return its cache where this transformers release was expected to"
+            )
         steps = torch.arange(q, device=ids.device) + (past_len - record.lm_len)
         return (start.to(ids.device)[:, None] + steps[None]).expand(3, b, q)
 

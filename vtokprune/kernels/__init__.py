@@ -27,8 +27,16 @@ Masks (``key_mask``, ``context_mask``) are [B, N] or [B, 1|H, 1|R, N], boolean (
 A row whose keys are all masked contributes 0. ``keep`` must not exceed the number of candidates of any sample (not
 checked, to avoid a host sync: extra slots would be filled with non-candidates in index order).
 
+This package is the library's one selection path: the strategies' top-k (:func:`topk_indices`) and gathers
+(:func:`gather_tokens`, re-exported by ``vtokprune.selection``) and every attention row a strategy reads
+(:func:`attention_rows`, behind ``vtokprune.probe``: [CLS] rows in the vision tower, last-token / text rows in the
+decoder) run here, so the backend choice below covers all of them. :func:`attention_probs` is the per-row variant of
+the score kernel (rows stored, not reduced) for strategies that weigh rows or heads themselves.
+
 ``backend``: "torch" (reference, any device), "triton" (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1), or
-"auto" (triton for CUDA tensors when triton is installed, else torch). triton is an optional dependency
+"auto" (triton for CUDA tensors when triton is installed, else torch); None (the default of every function) means
+the global choice: :func:`set_backend`, else the environment variable ``VTOKPRUNE_KERNEL_BACKEND``, else "auto".
+The top-k is the same stable sort on both backends (see :func:`common.select`). triton is an optional dependency
 (``pip install vtokprune[triton]``); this package imports without it.
 """
 
@@ -36,13 +44,48 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-from .common import ScoreGather, prepare, select
-from .reference import score_and_gather_torch
+from .common import ScoreGather, prepare, repeat_kv_heads, select
+from .reference import reference_probs, score_and_gather_torch
 
 BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "VTOKPRUNE_KERNEL_BACKEND"
+_global_backend: str | None = None
+
+
+def set_backend(backend: str | None) -> None:
+    """Choose the backend for every call that does not name one ("auto", "torch", "triton"; None: back to the
+    environment variable VTOKPRUNE_KERNEL_BACKEND, else "auto")."""
+    global _global_backend
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    _global_backend = backend
+
+
+def get_backend() -> str:
+    """The backend used when a call passes backend=None."""
+    if _global_backend is not None:
+        return _global_backend
+    env = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={env!r}: must be one of {BACKENDS}")
+    return env
+
+
+@contextmanager
+def use_backend(backend: str | None) -> Iterator[None]:
+    """`with use_backend("triton"): ...` sets the global backend for the block (not thread-local)."""
+    global _global_backend
+    previous = _global_backend
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        _global_backend = previous
 
 
 @functools.cache
@@ -59,7 +102,10 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """ "torch" or "triton": what a call with this `backend` argument (None = the global choice) runs on `device`."""
+    if backend is None:
+        backend = get_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -92,7 +138,7 @@ def score_and_gather(
     out_scores: torch.Tensor | None = None,
     out_x: torch.Tensor | None = None,
     out_positions: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> ScoreGather:
     """Score candidate tokens by the attention of query rows, keep the top `keep`, gather them (see module doc).
 
@@ -123,4 +169,108 @@ def score_and_gather(
     return score_and_gather_triton(args)
 
 
-__all__ = ["BACKENDS", "ScoreGather", "resolve_backend", "score_and_gather", "select", "triton_available"]
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    lse: torch.Tensor | None = None,
+    context_k: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """[B, H, R, T] float32 softmax probabilities p[b,h,r,t] of the module doc (before the head/row reduction).
+
+    Same inputs and normaliser options as :func:`score_and_gather`; a fully masked row is all zeros. `out`: a
+    float32 [B, H, R, T] buffer to write into.
+    """
+    b, _, r, _ = q.shape
+    t = k.shape[2] if k.dim() == 4 else 0
+    placeholder = q.new_empty((b, t, 0))  # no tokens to gather: a zero-width x satisfies the shape checks
+    args = prepare(
+        q,
+        k,
+        placeholder,
+        None,
+        1,
+        key_mask=key_mask,
+        scaling=scaling,
+        lse=lse,
+        context_k=context_k,
+        context_mask=context_mask,
+    )
+    if out is not None and (out.shape != (b, q.shape[1], r, t) or out.dtype != torch.float32):
+        raise ValueError(f"out must be a float32 tensor of shape {(b, q.shape[1], r, t)}")
+    if resolve_backend(backend, q.device) == "torch":
+        probs = reference_probs(args)
+        return probs if out is None else out.copy_(probs)
+    from .triton_score_gather import probs_triton
+
+    return probs_triton(args, out)
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    scaling: float | None,
+    causal: bool,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Softmax attention probabilities of selected query rows of one attention layer, float32, no [L, L] map.
+
+    query [B, H, Lq, d], key [B, Hkv, Lk, d], rows [B, R] indices into Lq. attention_mask: None, or a 4D mask
+    [B, 1|H, Lq, Lk], boolean (True = attend) or additive float (other ranks are ignored; `causal` then applies).
+    Returns [B, H, R, Lk]; a row with every key masked is all zeros.
+    """
+    b, h, _, d = query.shape
+    lq, lk = query.shape[2], key.shape[2]
+    q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
+    mask = None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        m = attention_mask
+        mask = torch.gather(m, 2, rows[:, None, :, None].expand(b, m.shape[1], rows.shape[1], m.shape[-1]))
+    elif causal:
+        q_pos = rows + (lk - lq)  # absolute position of each query row when a cache precedes it
+        mask = (torch.arange(lk, device=query.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+    return attention_probs(q, key, key_mask=mask, scaling=scaling, backend=backend)
+
+
+def topk_indices(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the `k` highest scores along the last dim, in ascending (original) order.
+
+    Ties go to the lower index (a stable sort), so the choice is deterministic and independent of the batch and of
+    the backend; entries where `valid` is False are never chosen; NaN scores rank last.
+    """
+    return select(scores, k, valid)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """x [N, T, D], idx [N, k] -> [N, k, D] (the Triton gather kernel, or torch.gather)."""
+    if idx.numel() and x.shape[-1] and x.dim() == 3 and resolve_backend(backend, x.device) == "triton":
+        from .triton_score_gather import gather_triton
+
+        return gather_triton(x, idx.to(torch.int64), None)[0]
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV",
+    "ScoreGather",
+    "attention_probs",
+    "attention_rows",
+    "gather_tokens",
+    "get_backend",
+    "repeat_kv_heads",
+    "resolve_backend",
+    "score_and_gather",
+    "select",
+    "set_backend",
+    "topk_indices",
+    "triton_available",
+    "use_backend",
+]

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..selection import topk_indices
-
 
 @dataclass
 class ScoreGather:
@@ -160,10 +158,22 @@ def prepare(
     )
 
 
-def select(scores: torch.Tensor, keep: int, candidates: torch.Tensor | None) -> torch.Tensor:
-    """Top-`keep` indices per row, ascending; ties to the lower index; NaN and non-candidates rank last.
+def select(scores: torch.Tensor, keep: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-`keep` indices along the last dim, ascending; ties to the lower index; NaN and non-candidates rank last.
 
-    A full sort (`torch.sort(stable=True)`) rather than `torch.topk`, whose tie order is unspecified on CUDA. The
-    scores are only [B, T], so this is a few microseconds on a GPU.
+    A full sort (`torch.sort(stable=True)`) rather than `torch.topk`, whose tie order is unspecified on CUDA, on both
+    backends: the scores are only [B, T], so this is a few microseconds on a GPU, and the kept set never depends on
+    the backend or on the batch composition.
     """
-    return topk_indices(scores, keep, candidates)
+    s = scores.float()
+    s = torch.where(torch.isnan(s), torch.full_like(s, -torch.inf), s)
+    if candidates is not None:
+        s = s.masked_fill(~candidates, -torch.inf)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :keep]
+    return torch.sort(order, dim=-1).values
+
+
+def repeat_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, Hkv, L, d] -> [B, num_heads, L, d] for grouped-query attention."""
+    groups = num_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)

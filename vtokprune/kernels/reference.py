@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..probe import repeat_kv_heads
-from .common import ScoreGather, ScoreGatherArgs, select
+from .common import ScoreGather, ScoreGatherArgs, repeat_kv_heads, select
 
 
 def row_logits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -33,6 +32,24 @@ def reference_scores(a: ScoreGatherArgs) -> torch.Tensor:
     probs = torch.exp(logits - torch.where(finite, total, torch.zeros_like(total))[..., None])
     probs = torch.where(finite[..., None], probs, torch.zeros_like(probs))
     return torch.einsum("bhrt,br->bt", probs, a.row_weights) / a.q.shape[1]
+
+
+def reference_probs(a: ScoreGatherArgs) -> torch.Tensor:
+    """[B, H, R, T] float32 softmax probabilities of each query row over the candidate keys (normalised as in
+    :func:`reference_scores`); a fully masked row is all zeros."""
+    logits = row_logits(a.q, a.k, a.key_mask, a.scale)
+    if a.lse is None and a.context_k is None:
+        probs = torch.softmax(logits, dim=-1)
+        return torch.nan_to_num(probs, nan=0.0)  # softmax of an all -inf row is NaN
+    if a.lse is not None:
+        total = a.lse
+    else:
+        assert a.context_k is not None
+        ctx = row_logits(a.q, a.context_k, a.context_mask, a.scale)
+        total = torch.logsumexp(torch.cat([ctx, logits], dim=-1), dim=-1)
+    finite = torch.isfinite(total)
+    probs = torch.exp(logits - torch.where(finite, total, torch.zeros_like(total))[..., None])
+    return torch.where(finite[..., None], probs, torch.zeros_like(probs))
 
 
 def score_and_gather_torch(a: ScoreGatherArgs) -> ScoreGather:

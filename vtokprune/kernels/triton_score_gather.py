@@ -1,5 +1,8 @@
 """Triton kernels for the score-and-gather hot path. Importing this module imports triton.
 
+``probs_triton`` (the attention rows themselves, for strategies that weigh rows or heads in their own way) stores
+them with ``_probs_kernel`` instead of reducing them in step 2.
+
 Three launches per batch, whatever B, H, R and T are:
 
 1. ``_row_lse_kernel``, grid (B*H, cdiv(R, BLOCK_R)): the log-sum-exp of every query row over the context keys and the
@@ -218,6 +221,71 @@ def _score_kernel(
 
 
 @triton.jit
+def _probs_kernel(
+    q_ptr,
+    k_ptr,
+    m_ptr,
+    lse_ptr,
+    out_ptr,
+    H,
+    GROUP,
+    R,
+    T,
+    HEAD_DIM,
+    scale,
+    sq_b,
+    sq_h,
+    sq_r,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_t,
+    sk_d,
+    sm_b,
+    sm_h,
+    sm_r,
+    sm_t,
+    sl_b,
+    sl_h,
+    sl_r,
+    so_b,
+    so_h,
+    so_r,
+    so_t,
+    HAS_MASK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Like _score_kernel, but stores every row's probabilities [B, H, R, T] instead of reducing them."""
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    kvh = h // GROUP
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    t_ok = offs_t < T
+    k_base = k_ptr + b * sk_b + kvh * sk_h
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        q = tl.load(
+            q_ptr + b * sq_b + h * sq_h + offs_r[:, None] * sq_r + offs_d[None, :] * sq_d,
+            mask=r_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        m_rows = m_ptr + b * sm_b + h * sm_h + offs_r * sm_r
+        logits = _block_logits(q, k_base, sk_t, sk_d, offs_t, T, offs_d, d_ok, m_rows, sm_t, r_ok, scale, HAS_MASK)
+        lse = tl.load(lse_ptr + b * sl_b + h * sl_h + offs_r * sl_r, mask=r_ok, other=float("-inf"))
+        live = lse > float("-inf")
+        p = tl.exp(logits - tl.where(live, lse, 0.0)[:, None])
+        p = tl.where(live[:, None], p, 0.0)
+        out = out_ptr + b * so_b + h * so_h + offs_r[:, None] * so_r + offs_t[None, :] * so_t
+        tl.store(out, p, mask=r_ok[:, None] & t_ok[None, :])
+
+
+@triton.jit
 def _gather_kernel(
     x_ptr,
     idx_ptr,
@@ -334,6 +402,39 @@ def scores_triton(a: ScoreGatherArgs, lse: torch.Tensor, out: torch.Tensor | Non
         *out.stride(),
         HAS_MASK=a.key_mask is not None,
         BLOCK_R=block_r,
+        BLOCK_T=block_t,
+        BLOCK_D=_pow2(d, 16),
+    )
+    return out
+
+
+def probs_triton(a: ScoreGatherArgs, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, R, T] float32 probabilities of every query row over the candidate keys (see reference_probs)."""
+    b, h, r, d = a.q.shape
+    t = a.k.shape[2]
+    lse = a.lse.contiguous() if a.lse is not None else row_lse(a)
+    if out is None:
+        out = torch.empty((b, h, r, t), dtype=torch.float32, device=a.q.device)
+    block_t = _block_t(a.q.device)
+    _probs_kernel[(b * h, triton.cdiv(t, block_t))](
+        a.q,
+        a.k,
+        a.q if a.key_mask is None else a.key_mask,
+        lse,
+        out,
+        h,
+        a.group,
+        r,
+        t,
+        d,
+        a.scale,
+        *a.q.stride(),
+        *a.k.stride(),
+        *_strides4(a.key_mask),
+        *lse.stride(),
+        *out.stride(),
+        HAS_MASK=a.key_mask is not None,
+        BLOCK_R=_pow2(min(r, MAX_BLOCK_R), 16),
         BLOCK_T=block_t,
         BLOCK_D=_pow2(d, 16),
     )

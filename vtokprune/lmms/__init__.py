@@ -8,7 +8,7 @@ Registered through the entry-point group ``lmms_eval.models`` (see pyproject.tom
 
 The offline synthetic tasks (``vtokprune_toy``, ``vtokprune_toy_mc``) live in :mod:`vtokprune.lmms.tasks`; add them
 with ``--include_path "$(python -m vtokprune.lmms.tasks)"``. See :mod:`vtokprune.lmms.model` for every model
-argument and the multi-GPU (accelerate) command.
+argument, what the results record, and the data-parallel (torchrun / accelerate, GPU or CPU) commands.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ class Stats:
     images: int = 0
     kept_tokens: int = 0
     available_tokens: int = 0
+    text_tokens: int = 0
 
     def summary(self) -> dict[str, float | int | None]:
         return {
@@ -33,6 +34,7 @@ class Stats:
             "ms_per_sample": round(1e3 * self.seconds / self.samples, 3) if self.samples else None,
             "kept_tokens": round(self.kept_tokens / self.images, 2) if self.images else None,
             "available_tokens": round(self.available_tokens / self.images, 2) if self.images else None,
+            "text_tokens": round(self.text_tokens / self.samples, 2) if self.samples else None,
         }
 
 
@@ -122,6 +124,7 @@ class Engine:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.image_token = str(getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER)
         self.stats = Stats()
+        self.last_rows: list[dict[str, int]] = []
 
     # ------------------------------------------------------------------ pruning
 
@@ -183,23 +186,42 @@ class Engine:
         return out
 
     def _account(self, n: int, seconds: float, has_images: bool) -> None:
+        """Add one batch to the stats and set `last_rows`: per batch row, the visual tokens kept and available."""
         from .. import api
 
         self.stats.seconds += seconds
         self.stats.samples += n
         self.stats.batches += 1
+        self.last_rows = [{"visual_tokens_kept": 0, "visual_tokens_available": 0} for _ in range(n)]
+        self.stats.text_tokens += self._text_tokens()
         if not has_images:
             return
         sel = api.last_selection(self.model) if api.is_pruned(self.model) else None
         if sel is not None:
             self.stats.images += len(sel.kept)
-            self.stats.kept_tokens += sum(int(k.numel()) for k in sel.kept)
-            self.stats.available_tokens += sum(int(a) for a in sel.available)
+            for kept, available, row in zip(sel.kept, sel.available, sel.sample_of):
+                self.stats.kept_tokens += int(kept.numel())
+                self.stats.available_tokens += int(available)
+                if 0 <= row < n:
+                    self.last_rows[row]["visual_tokens_kept"] += int(kept.numel())
+                    self.last_rows[row]["visual_tokens_available"] += int(available)
         else:
             n_img, per = self._unpruned_image_tokens()
             self.stats.images += n_img
             self.stats.kept_tokens += n_img * per
             self.stats.available_tokens += n_img * per
+            for row, count in enumerate(getattr(self, "_last_images_per_row", [])[:n]):
+                self.last_rows[row]["visual_tokens_kept"] = count * per
+                self.last_rows[row]["visual_tokens_available"] = count * per
+
+    def _text_tokens(self) -> int:
+        """Non-padding, non-image prompt tokens of the last batch (what the language model prefills besides images)."""
+        ids, mask = getattr(self, "_last_ids", None), getattr(self, "_last_mask", None)
+        if ids is None:
+            return 0
+        real = int(mask.sum()) if mask is not None else int(ids.numel())
+        image_id = getattr(self.model.config, "image_token_id", None)
+        return real - (int((ids == image_id).sum()) if image_id is not None else 0)
 
     def _unpruned_image_tokens(self) -> tuple[int, int]:
         ids = getattr(self, "_last_ids", None)
@@ -227,6 +249,8 @@ class Engine:
         prompts = [self.prompt(t, len(ims)) for t, ims in zip(texts, images)]
         inputs = self._encode(prompts, images)
         self._last_ids, self._last_n_images = inputs["input_ids"], sum(len(i) for i in images)
+        self._last_images_per_row = [len(i) for i in images]
+        self._last_mask = inputs.get("attention_mask")
         temperature = float(kwargs.pop("temperature", 0) or 0)
         do_sample = bool(kwargs.pop("do_sample", False)) and temperature > 0
         generate_kwargs: dict[str, Any] = {
@@ -245,6 +269,10 @@ class Engine:
         self._sync()
         self._account(len(texts), time.perf_counter() - start, bool(self._last_n_images))
         new = out[:, inputs["input_ids"].shape[1] :]
+        mask = inputs.get("attention_mask")
+        for row, counts in enumerate(self.last_rows):
+            counts["input_tokens"] = int(mask[row].sum()) if mask is not None else int(inputs["input_ids"].shape[1])
+            counts["output_tokens"] = int((new[row] != self.tokenizer.pad_token_id).sum())
         answers = [str(a) for a in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         return [_cut(a, until).strip() for a in answers]
 
@@ -262,6 +290,8 @@ class Engine:
             n_cont.append(max(1, len(f_ids) - len(p_ids)))
         inputs = self._encode(fulls, images)
         self._last_ids, self._last_n_images = inputs["input_ids"], sum(len(i) for i in images)
+        self._last_images_per_row = [len(i) for i in images]
+        self._last_mask = inputs.get("attention_mask")
         self._sync()
         start = time.perf_counter()
         logits = self.model(**inputs, use_cache=False).logits

@@ -10,11 +10,18 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 from .baselines import NoPrune, Pool, RandomPrune  # noqa: E402
+from .cdpruner import CDPruner, CDPrunerCLIP  # noqa: E402
 from .cls_attention import CLSAttention  # noqa: E402
+from .dart import DART  # noqa: E402
 from .fastv import FastV  # noqa: E402
+from .vispruner import VisPruner  # noqa: E402
+from .zoo import ZOOPrune  # noqa: E402
 
 __all__ = [
+    "CDPruner",
+    "CDPrunerCLIP",
     "CLSAttention",
+    "DART",
     "FastV",
     "LLMContext",
     "LLMStrategy",
@@ -24,5 +31,7 @@ __all__ = [
     "Strategy",
     "VisionSelection",
     "VisionSignals",
+    "VisPruner",
     "VisionStrategy",
+    "ZOOPrune",
 ]

@@ -23,6 +23,9 @@ class NoPrune(VisionStrategy):
     name: ClassVar[str] = "none"
     paper: ClassVar[str] = "baseline"
 
+    def has_budget(self) -> bool:
+        return True  # "keep everything" is its budget
+
     def budget(self, available: int) -> int:
         return available
 

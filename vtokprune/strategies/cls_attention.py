@@ -27,6 +27,8 @@ class CLSAttention(VisionStrategy):
     produces the features the projector reads (the penultimate layer for LLaVA); keep the k largest.
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     name: ClassVar[str] = "cls"
     paper: ClassVar[str] = "FasterVLM (Zhang et al., 2024)"
     needs: ClassVar[frozenset[str]] = frozenset({"cls_attn"})

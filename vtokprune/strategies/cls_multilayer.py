@@ -42,6 +42,8 @@ class CLSMultiLayer(VisionStrategy):
     last `depth` layers up to the feature layer are used.
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     start: int | None = None
     depth: int = 4
 

@@ -50,6 +50,8 @@ class DivPrune(VisionStrategy):
     S <- S + {argmax_{i not in S} min_{s in S} d_is} until |S| = k. Works on any model (no [CLS] needed).
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     name: ClassVar[str] = "divprune"
     paper: ClassVar[str] = "DivPrune (Alvar et al., CVPR 2025)"
 

@@ -17,13 +17,17 @@ from .base import VisionSelection, VisionSignals, VisionStrategy
 def flow_scores(cls_attn: torch.Tensor, values: torch.Tensor, cls_value: torch.Tensor) -> torch.Tensor:
     """One image, one layer, the current candidates: [H, C], [H, C, d], [H, d] -> [C].
 
-    (a_j / sum a + s_j) * ||v_j||_1 with a_j the head-averaged [CLS] attention, s_j = mean_h softmax_j(v_cls^h . v_j^h)
-    the [CLS]-value similarity and v_j = mean_h v_j^h.
+    (a_j / sum a + s_j / sum s) * ||v_j||_1 with a_j the head-averaged [CLS] attention, v_j = mean_h v_j^h, and
+    s_j = mean_h softmax(v_cls^h . [v_cls^h, v_1^h, ..., v_C^h])_j: the softmax includes the [CLS] itself, which is
+    dropped after the head mean (the official `compute_score`).
     """
     a = cls_attn.float().mean(dim=0)
     relation = a / a.sum().clamp(min=1e-12)
     v = values.float()
-    semantic = torch.softmax(torch.einsum("hd,hcd->hc", cls_value.float(), v), dim=-1).mean(dim=0)
+    cls_v = cls_value.float()
+    logits = torch.cat([(cls_v * cls_v).sum(dim=-1, keepdim=True), torch.einsum("hd,hcd->hc", cls_v, v)], dim=-1)
+    semantic = torch.softmax(logits, dim=-1).mean(dim=0)[1:]
+    semantic = semantic / semantic.sum().clamp(min=1e-12)
     return (relation + semantic) * v.mean(dim=0).abs().sum(dim=-1)
 
 
@@ -71,18 +75,23 @@ def flowcut_select_one(
 class FlowCut(VisionStrategy):
     """FlowCut: prune by information flow, accumulated over vision layers, in entropy-adaptive steps.
 
-    Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models" (2025).
-    At vision layer l, over the surviving candidates: f_j = (a_j / sum a + s_j) * ||v_j||_1 with a_j the head-averaged
-    [CLS] attention, s_j = mean_h softmax_j(v_cls . v_j) and v_j the head-averaged value; the running score is
-    F <- smoothing * F + (1 - smoothing) * f. At layers with r = (feature layer - l) divisible by `stride` the
-    candidates shrink by round((C - k) / sqrt(r) * (1 - (H / log C)^2)) (H: entropy of the [CLS] attention over them),
-    keeping the largest F; at the feature layer (r = 0) exactly k remain.
+    Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models" (2025),
+    following the official code (TungChintao/FlowCut, `flowcut/modeling_clip_flowcut.py`). At vision layer l, over the
+    surviving candidates: f_j = (a_j / sum a + s_j / sum s) * ||v_j||_1 (:func:`flow_scores`: a the head-averaged
+    [CLS] attention, s the head-averaged softmax of v_cls . v over the [CLS] and the candidates, [CLS] dropped after,
+    v the head-averaged value); the running score is F <- smoothing * F + (1 - smoothing) * f. With
+    r = (feature layer - 1) - l, at layers where r is even (`stride` 2) the candidates shrink by
+    round((C - k) / sqrt(r) * (1 - (H / log C)^2)) (H: entropy of the [CLS] attention over them), keeping the largest
+    F; at r = 0, the layer before the feature layer, exactly k remain (the official schedule).
 
-    Approximation: the paper drops tokens inside the vision tower, so later layers never see them. The runtime here
-    cannot, so every layer runs on all tokens and only the candidate set shrinks (pruned tokens never come back);
-    attention and value similarity are renormalised over the candidates. `start` is the first layer scored (0-based,
-    negative counts from the end of the tower).
+    Departures: the official code drops tokens inside the vision tower, so later layers (the feature layer
+    included) run on the survivors only; the runtime here cannot, so every layer runs on all tokens and only the
+    candidate set shrinks, with attention and value similarity renormalised over the candidates. The official code
+    also uses one prune count for a whole batch (the largest); here each image has its own. `start` is the first
+    layer scored (0-based, negative counts from the end of the tower).
     """
+
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
 
     start: int = 0
     stride: int = 2
@@ -104,8 +113,9 @@ class FlowCut(VisionStrategy):
             raise BudgetError(f"flowcut smoothing must be in [0, 1), got {self.smoothing!r}")
 
     def vision_layers(self, num_layers: int, feature_layer: int) -> tuple[int, ...]:
+        last = max(feature_layer - 1, 0)  # the final cut is after the layer before the feature layer
         first = self.start if self.start >= 0 else num_layers + self.start
-        return tuple(range(max(0, min(first, feature_layer)), feature_layer + 1))
+        return tuple(range(max(0, min(first, last)), last + 1))
 
     def select(self, signals: VisionSignals, k: int) -> VisionSelection:
         feats = signals.features

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,9 +82,12 @@ def validate_reference(reference: Any) -> None:
 # ---------------------------------------------------------------------------------------------- PyramidDrop
 
 
-def pyramid_counts(available: int, stages: int, lam: float) -> list[int]:
-    """[max(1, round(available * lam ** (i + 1))) for each stage]: 576 tokens, lam 0.5 -> 288, 144, 72."""
-    return [max(1, math.floor(available * lam ** (i + 1) + 0.5)) for i in range(stages)]
+def pyramid_counts(available: int, stages: int, lam: float, rounding: str = "floor") -> list[int]:
+    """[max(1, int(available * lam ** (i + 1))) for each stage]: 576 tokens, lam 0.5 -> 288, 144, 72.
+
+    rounding="floor" is the official `int()`; "half_up" rounds to nearest (this library's earlier choice)."""
+    shift = 0.5 if rounding == "half_up" else 0.0
+    return [max(1, math.floor(available * lam ** (i + 1) + shift)) for i in range(stages)]
 
 
 @register_strategy
@@ -92,10 +96,16 @@ class PyramidDrop(LLMStrategy):
     """PyramidDrop: split the decoder into stages and, at the end of each, keep a fraction lambda of the visual tokens.
 
     Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy
-    Reduction" (2024). At the last layer l of a stage, score_j = (1/H) sum_h A^{(l)}_h[last, j], the head-averaged
-    attention the last instruction token pays to visual token j; the top lambda fraction of the remaining visual
-    tokens go on. Paper default (LLaVA-1.5, 32 layers): stages end before layers 8, 16, 24 and lambda = 0.5, so
-    576 -> 288 -> 144 -> 72 tokens per image.
+    Reduction" (2024). Before stage layer K, score_j = (1/H) sum_h A_h[last, j], the head-averaged attention the last
+    instruction token pays to visual token j; the top lambda fraction of the remaining visual tokens go on. Paper
+    default (LLaVA-1.5, 32 layers): stages before layers 8, 16, 24 and lambda = 0.5, so 576 -> 288 -> 144 -> 72.
+
+    Official behaviour (Cooperx521/PyramidDrop, `modeling_llama_pdrop.py`), the default here:
+    * `score_layer="stage"`: A is recomputed with layer K's own q/k projections on the stage input (the runtime runs
+      layer K's attention once more on the unpruned input, cache untouched); "previous" uses layer K-1's attention
+      (this library's earlier behaviour, one attention pass cheaper);
+    * `rounding="floor"`: stage i keeps int(T * lam^(i+1)) tokens; "half_up" rounds to nearest (earlier behaviour);
+    * the official code renumbers the kept tokens' positions; see `positions`.
 
     The schedule is data:
 
@@ -111,10 +121,14 @@ class PyramidDrop(LLMStrategy):
       These are mutually exclusive.
     """
 
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
     layers: tuple[int, ...] | None = None
     lam: float | None = None
     fractions: Mapping[int, float] | tuple[tuple[int, float], ...] | None = None
     reference_layers: int | None = 32
+    score_layer: str = "stage"
+    rounding: str = "floor"
 
     name: ClassVar[str] = "pdrop"
     paper: ClassVar[str] = "PyramidDrop (Xing et al., 2024)"
@@ -124,6 +138,10 @@ class PyramidDrop(LLMStrategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_reference(self.reference_layers)
+        if self.score_layer not in ("stage", "previous"):
+            raise BudgetError(f"pdrop score_layer must be 'stage' or 'previous', got {self.score_layer!r}")
+        if self.rounding not in ("floor", "half_up"):
+            raise BudgetError(f"pdrop rounding must be 'floor' or 'half_up', got {self.rounding!r}")
         given = [n for n, v in (("keep", self.keep), ("ratio", self.ratio), ("lam", self.lam)) if v is not None]
         if self.fractions is not None:
             if given:
@@ -149,6 +167,13 @@ class PyramidDrop(LLMStrategy):
             if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 < self.lam <= 1.0:
                 raise BudgetError(f"pdrop lam must be in (0, 1], got {self.lam!r}")
 
+    def has_budget(self) -> bool:
+        return True  # nothing given means the paper's lambda = 0.5 (see stage_counts)
+
+    def with_default_budget(self) -> PyramidDrop:
+        given = (self.keep, self.ratio, self.lam, self.fractions)
+        return self if any(v is not None for v in given) else dataclasses.replace(self, lam=self.default_lam)
+
     def stage_counts(self, available: int) -> tuple[tuple[int, ...], list[int]]:
         """(layers in reference depth, tokens per image kept from each on), before scaling to the model."""
         if self.fractions is not None:
@@ -160,11 +185,14 @@ class PyramidDrop(LLMStrategy):
         if self.keep is not None or self.ratio is not None:
             return layers, geometric_counts(available, len(layers), self.budget(available))
         lam = self.lam if self.lam is not None else self.default_lam
-        return layers, pyramid_counts(available, len(layers), float(lam))
+        return layers, pyramid_counts(available, len(layers), float(lam), self.rounding)
 
     def schedule(self, num_layers: int, available: int) -> dict[int, int]:
         layers, counts = self.stage_counts(available)
         return place_stages(layers, counts, num_layers, self.reference_layers)
+
+    def probe_layer(self, stage: int) -> int:
+        return stage if self.score_layer == "stage" else stage - 1
 
     def score(self, probs: torch.Tensor, row_valid: torch.Tensor, ctx: LLMContext) -> torch.Tensor:
         return last_token_attention_scores(probs)

@@ -1,0 +1,256 @@
+"""CPU prefill latency of every strategy against its compute-equivalent ideal, post-tower and inside the vision tower.
+
+    python benchmarks/cpu_prefill.py --threads 2 --rounds 3 --json benchmarks/results/cpu_prefill.json
+    python benchmarks/cpu_prefill.py --smoke                  # tiny model, seconds (a test)
+
+Model (random fp32 weights, built from a config, SDPA): the mid-size LLaVA geometry of issue 15, a CLIP ViT-B/14 at
+336 px (576 patches, 12 layers, width 768, features from layer -2) and a 24-layer Llama of width 896 with 14 query
+and 2 KV heads; one image and 48 text tokens per prompt; batch 1 and 8. Time: one prefill (model forward with a
+cache, logits of the last token), median over interleaved rounds (every configuration once per round, so load
+changes on a shared machine hit all of them alike).
+
+Rows:
+
+* ``none``: unpruned; ``ideal``: the same model fed only the first K image tokens (vision tower on all patches, no
+  scoring: a selection that costs nothing), the compute-equivalent ideal of every post-tower strategy;
+* ``ideal@L<l>``: the same in-tower (the first K patches kept after vision layer l), ideal of the in-tower rows;
+* ``ideal/<s>``: for an in-LLM strategy, the first K image tokens kept at the strategy's own stage layers;
+* ``<s>``: every registered strategy at K; ``<s>@L<l>``: in-tower variants (``in_tower_layer=l``).
+
+Columns: ms (median), x_unpruned (unpruned / row), share_of_ideal (its ideal's ms / its ms: 100% = selection is free),
+overhead_ms / overhead_% (the strategy at keep = all tokens minus the unpruned prefill, as a share of the unpruned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's vtokprune
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import llava_inputs, llava_model, machine, table, write_json  # noqa: E402
+
+import vtokprune  # noqa: E402
+from vtokprune.errors import VTokPruneError  # noqa: E402
+from vtokprune.strategies.base import (  # noqa: E402
+    LLMContext,
+    LLMStrategy,
+    Strategy,
+    VisionSelection,
+    VisionSignals,
+    VisionStrategy,  # noqa: E402
+)
+
+GEOMETRIES: dict[str, dict[str, Any]] = {
+    "mid": {
+        "vision": dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=336,
+            patch_size=14, projection_dim=768,
+        ),
+        "text": dict(
+            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, vocab_size=32064, max_position_embeddings=4096,
+        ),
+        "keep": 64,
+        "in_tower_layers": (2, 5),
+    },
+    "smoke": {
+        "vision": dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=84,
+            patch_size=14, projection_dim=32,
+        ),
+        "text": dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=128, max_position_embeddings=512,
+        ),
+        "keep": 8,
+        "in_tower_layers": (0,),
+    },
+}  # fmt: skip
+# Strategies with their extra arguments; text_clip needs a CLIP checkpoint and is left out.
+SKIP = {"none", "text_clip", "cdpruner_clip"}  # the CLIP variants need a CLIP checkpoint (clip=)
+IN_TOWER = ("cls", "cls_multilayer", "visionzip", "holov", "flowcut")
+
+
+# ------------------------------------------------------------------ the ideals: selections that cost nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstK(VisionStrategy):
+    """Keeps the first k tokens: no scoring. Reads the [CLS] signal only so it may run in-tower (one probe row)."""
+
+    name: ClassVar[str] = "ideal"
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def select(self, signals: VisionSignals, k: int) -> VisionSelection:
+        n = signals.features.shape[0]
+        idx = torch.arange(k, device=signals.features.device).expand(n, k)
+        return VisionSelection(idx, signals.features[:, :k])
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstKInTower(FirstK):
+    needs: ClassVar[frozenset[str]] = frozenset({"cls_attn"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstKInLLM(LLMStrategy):
+    """The stages of `like` with the first image tokens kept (a constant score: only the compaction costs)."""
+
+    like: Any = None
+
+    name: ClassVar[str] = "ideal_llm"
+
+    def schedule(self, num_layers: int, available: int) -> dict[int, int]:
+        return self.like.schedule(num_layers, available)  # type: ignore[no-any-return]
+
+    def score(self, probs: torch.Tensor, row_valid: torch.Tensor, ctx: LLMContext) -> torch.Tensor:
+        length = ctx.image_mask.shape[1]
+        return -torch.arange(length, dtype=torch.float32, device=ctx.image_mask.device).expand_as(ctx.image_mask)
+
+
+# ------------------------------------------------------------------ configurations and timing
+
+
+@dataclasses.dataclass
+class Config:
+    label: str
+    strategy: Strategy | None
+    ideal: str | None = None  # label of its compute-equivalent ideal
+    overhead_of: str | None = None  # this row is the keep-all run of that label
+
+
+def configs(keep: int, available: int, in_tower_layers: tuple[int, ...], overhead: bool) -> list[Config]:
+    out = [Config("none", None), Config("ideal", FirstK(keep=keep))]
+    out += [Config(f"ideal@L{i}", FirstKInTower(keep=keep, in_tower_layer=i)) for i in in_tower_layers]
+    for name in vtokprune.available_strategies():
+        if name in SKIP:
+            continue
+        strategy = vtokprune.get_strategy(name, keep=keep)
+        ideal = "ideal"
+        if isinstance(strategy, LLMStrategy):
+            ideal = f"ideal/{name}"
+            out.append(Config(ideal, FirstKInLLM(keep=keep, like=strategy)))
+        out.append(Config(name, strategy, ideal))
+        if overhead:
+            out.append(Config(f"{name}/keep-all", vtokprune.get_strategy(name, keep=available), overhead_of=name))
+    for name in IN_TOWER:
+        for layer in in_tower_layers:
+            strategy = vtokprune.get_strategy(name, keep=keep, in_tower_layer=layer)
+            out.append(Config(f"{name}@L{layer}", strategy, f"ideal@L{layer}"))
+    if overhead:
+        layer = in_tower_layers[0]
+        keep_all = vtokprune.get_strategy("cls", keep=available, in_tower_layer=layer)
+        out.append(Config(f"cls@L{layer}/keep-all", keep_all, overhead_of=f"cls@L{layer}"))
+    return out
+
+
+def prefill_fn(model: Any, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.no_grad():
+            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    return run
+
+
+def time_config(model: Any, inputs: dict[str, torch.Tensor], cfg: Config) -> float:
+    if cfg.strategy is not None:
+        vtokprune.apply(model, cfg.strategy)
+    try:
+        run = prefill_fn(model, inputs)
+        t0 = time.perf_counter()
+        run()
+        return (time.perf_counter() - t0) * 1e3
+    finally:
+        if cfg.strategy is not None:
+            vtokprune.remove(model)
+
+
+def run_batch(model: Any, batch: int, args: argparse.Namespace, geometry: dict[str, Any]) -> list[dict[str, Any]]:
+    inputs = llava_inputs(model, batch, args.text_tokens)
+    available = (geometry["vision"]["image_size"] // geometry["vision"]["patch_size"]) ** 2
+    todo = configs(geometry["keep"], available, geometry["in_tower_layers"], batch in args.overhead_batches)
+    prefill_fn(model, inputs)()  # warm-up: first-call allocations
+    samples: dict[str, list[float]] = {c.label: [] for c in todo}
+    errors: dict[str, str] = {}
+    for r in range(args.rounds):
+        for c in todo:
+            if c.label in errors:
+                continue
+            try:
+                samples[c.label].append(time_config(model, inputs, c))
+            except VTokPruneError as e:
+                errors[c.label] = f"{type(e).__name__}: {e}"
+        done = {k: round(statistics.median(v)) for k, v in samples.items() if v}
+        print(f"[batch {batch}] round {r + 1}/{args.rounds}: none {done.get('none')} ms, load {os.getloadavg()[0]:.1f}")
+    med = {k: statistics.median(v) for k, v in samples.items() if v}
+    rows = []
+    for c in todo:
+        if c.overhead_of is not None:
+            continue
+        row: dict[str, Any] = {"batch": batch, "row": c.label, "keep": available if c.label == "none" else None}
+        if c.label in errors:
+            rows.append({**row, "error": errors[c.label]})
+            continue
+        if row["keep"] is None:
+            row["keep"] = geometry["keep"]
+        ms = med[c.label]
+        row.update(ms=ms, min_ms=min(samples[c.label]), max_ms=max(samples[c.label]), x_unpruned=med["none"] / ms)
+        if c.ideal is not None and c.ideal in med:
+            row["ideal"] = c.ideal
+            row["share_of_ideal_%"] = 100 * med[c.ideal] / ms
+        keep_all = next((o for o in todo if o.overhead_of == c.label), None)
+        if keep_all is not None and keep_all.label in med:
+            row["overhead_ms"] = med[keep_all.label] - med["none"]
+            row["overhead_%"] = 100 * row["overhead_ms"] / med["none"]
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny model, 1 round: checks that the script runs")
+    p.add_argument("--batch", type=int, nargs="+", default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--text-tokens", type=int, default=48)
+    p.add_argument("--overhead-batches", type=int, nargs="*", default=None, help="batches with keep-all rows")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    geometry = GEOMETRIES["smoke" if args.smoke else "mid"]
+    args.batch = args.batch or ([2] if args.smoke else [1, 8])
+    args.rounds = args.rounds or (1 if args.smoke else 3)
+    args.overhead_batches = args.batch if args.overhead_batches is None else args.overhead_batches
+    device = torch.device("cpu")
+    load_before = os.getloadavg()
+    model = llava_model(geometry["vision"], geometry["text"], device, torch.float32)
+    start = time.time()
+    rows: list[dict[str, Any]] = []
+    for batch in args.batch:
+        rows += run_batch(model, batch, args, geometry)
+    cols = ["batch", "row", "keep", "ms", "x_unpruned", "share_of_ideal_%", "overhead_ms", "overhead_%"]
+    env = machine(device)
+    env["loadavg_before"] = load_before
+    env["minutes"] = round((time.time() - start) / 60, 1)
+    print(f"CPU prefill, {env['cpu']}, {args.threads} threads, median of {args.rounds} interleaved rounds, "
+          f"load average before/after {load_before[0]:.1f}/{env['loadavg'][0]:.1f}")  # fmt: skip
+    print(table(rows, cols))
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['row']} (batch {r['batch']}): {r['error']}")
+    payload = {"env": env, "smoke": args.smoke, "geometry": geometry, "config": vars(args), "results": rows}
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""ZOO-Prune: zeroth-order sensitivity of each visual token at the projector, combined with diversity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BudgetError, CapabilityError
+from ..registry import register_strategy
+from ..selection import gather_tokens
+from .base import VisionSelection, VisionSignals, VisionStrategy
+
+
+@torch.no_grad()
+def zeroth_order_sensitivity(
+    projector: Any, inputs: torch.Tensor, perturbations: int, epsilon: float, seed: int
+) -> torch.Tensor:
+    """[N, T, Dv] projector inputs -> [N, T] sensitivity, a zeroth-order estimate of each token's Jacobian norm.
+
+    s_i = (1/S) sum_s ||P(h_i + eps u_s) - P(h_i - eps u_s)|| / (2 eps ||u_s||), u_s ~ N(0, I) drawn from a
+    generator seeded with `seed` (on the CPU, so results do not depend on the device), the same directions for
+    every token. The projector acts on each token alone, so all tokens are perturbed in one batched call.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    x = inputs.float()
+    total = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+    for _ in range(perturbations):
+        u = torch.randn(x.shape[-1], generator=gen).to(x.device)
+        u = u / u.norm().clamp(min=1e-12)
+        delta = projector((x + epsilon * u).to(inputs.dtype)) - projector((x - epsilon * u).to(inputs.dtype))
+        total += delta.float().norm(dim=-1) / (2.0 * epsilon)
+    return total / perturbations
+
+
+def sensitivity_diversity_select(sensitivity: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tensor:
+    """One image: [T] sensitivity, [T, D] features -> [k] ascending indices.
+
+    Greedy: first the most sensitive token; then argmax_j s_j * min_{i in S} (1 - cos(x_j, x_i)) over the rest
+    (ties -> lower index), so a sensitive token that duplicates a kept one scores ~0.
+    """
+    xn = F.normalize(features.float(), dim=-1)
+    t = xn.shape[0]
+    chosen = torch.zeros(t, dtype=torch.bool, device=xn.device)
+    first = int(sensitivity.float().argmax())
+    picks = [first]
+    chosen[first] = True
+    nearest = 1.0 - xn @ xn[first]
+    for _ in range(k - 1):
+        hybrid = (sensitivity.float() * nearest.clamp(min=0)).masked_fill(chosen, -torch.inf)
+        nxt = int(hybrid.argmax())
+        picks.append(nxt)
+        chosen[nxt] = True
+        nearest = torch.minimum(nearest, 1.0 - xn @ xn[nxt])
+    return torch.sort(torch.tensor(picks, device=xn.device)).values
+
+
+@register_strategy
+@dataclass(frozen=True)
+class ZOOPrune(VisionStrategy):
+    """ZOO-Prune: rank visual tokens by zeroth-order sensitivity at the projector, picked greedily with diversity.
+
+    Kim et al., "ZOO-Prune: Training-Free Token Pruning via Zeroth-Order Gradient Estimation in Vision-Language
+    Models" (arXiv 2509.24837, CVPR 2026). Sensitivity s_i: how much the projected feature of token i moves under
+    small random perturbations of its projector input (:func:`zeroth_order_sensitivity`, `perturbations` directions
+    of size `epsilon`, deterministic under `seed`); selection: the most sensitive token, then greedily the token
+    maximising sensitivity x cosine distance to the kept set (:func:`sensitivity_diversity_select`).
+
+    Written from the paper's description (no official code was found): the hybrid product, central differences,
+    unit-norm Gaussian directions and the defaults (8 perturbations, epsilon 1e-2) are this implementation's choices.
+    Needs the projector and its per-token input, which only the LLaVA-1.5 adapter exposes (elsewhere the projector
+    mixes several patches per token, or the tokens are re-arranged after it): other families raise CapabilityError.
+    """
+
+    positions: str = "contiguous"  # as the official code (see Strategy.positions)
+
+    perturbations: int = 8
+    epsilon: float = 1e-2
+    seed: int = 0
+
+    name: ClassVar[str] = "zoo"
+    paper: ClassVar[str] = "ZOO-Prune (Kim et al., CVPR 2026)"
+    needs: ClassVar[frozenset[str]] = frozenset({"projector"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field_name in ("perturbations", "seed"):
+            value = getattr(self, field_name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (1 if field_name == "perturbations" else 0)
+            ):
+                raise BudgetError(f"zoo {field_name} must be a non-negative int (perturbations >= 1), got {value!r}")
+        eps = self.epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise BudgetError(f"zoo epsilon must be > 0, got {eps!r}")
+
+    def select(self, signals: VisionSignals, k: int) -> VisionSelection:
+        feats = signals.features
+        n, t = feats.shape[:2]
+        if k >= t:
+            return VisionSelection(torch.arange(t, device=feats.device).expand(n, t), feats)
+        if signals.projector is None or signals.projector_input is None:
+            raise CapabilityError("zoo needs the projector and its input; this adapter does not expose them")
+        sens = zeroth_order_sensitivity(
+            signals.projector, signals.projector_input, self.perturbations, float(self.epsilon), self.seed
+        )
+        idx = torch.stack([sensitivity_diversity_select(sens[i], feats[i], k) for i in range(n)])
+        return VisionSelection(idx, gather_tokens(feats, idx))
