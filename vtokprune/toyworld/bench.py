@@ -10,7 +10,6 @@ probes the current strategy has active, so each strategy sees exactly the signal
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..reporting import wilson_interval
 from ..strategies.base import VisionSelection, VisionSignals, VisionStrategy
 from .model import load, prompt
 from .scenes import NUM_PATCHES, QUESTION_TYPES, Sample, evidence_cover, heldout, render
@@ -29,18 +29,11 @@ DEFAULT_BUDGETS = (28, 56, 84)  # 11 / 22 / 33% of 256
 DEFAULT_SAMPLES = 600
 BASELINES = ("cls", "random", "pool")
 ORACLE = "oracle"
-Z95 = 1.959963984540054
 
 
-def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson(correct: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of `correct` out of `n` (the same interval `sweep` reports)."""
+    return wilson_interval(correct / n, n) if n else (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -82,12 +75,12 @@ def tower_memo(model: Any) -> Iterator[dict[str, Any]]:
         key = hashlib.sha1(pixel_values.detach().cpu().numpy().tobytes() + repr(flags).encode()).hexdigest()
         active = _ACTIVE.get() or {}
         if key in memo:
-            out, records = memo[key]
-            for attn, rec in zip(attns, records):
+            cached_out, cached = memo[key]
+            for attn, rec in zip(attns, cached):
                 callback = active.get(id(attn))
                 if callback is not None:
                     callback(attn, *rec)
-            return out
+            return cached_out
         records: list[Any] = [None] * len(attns)
 
         def recorder(i: int) -> Any:

@@ -60,10 +60,10 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="vtokprune bench-toy", description=bench_main.__doc__)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the shipped toy-dinov2-llava)")
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    parser.add_argument("--limit", "--samples", dest="samples", type=int, default=DEFAULT_SAMPLES, help="questions")
     parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)))
     parser.add_argument("--strategies", default=None, help="comma-separated names (default: every registered one)")
-    parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--batch-size", "--batch", dest="batch", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="toy_accuracy", help="prefix of the .json/.csv/.png outputs ('' to skip)")
     parser.add_argument("--card", action="store_true", help="also rewrite the checkpoint's README.md model card")

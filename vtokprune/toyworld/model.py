@@ -114,7 +114,7 @@ def build_model(text_width: int = 256, text_layers: int = 4, heads: int = 4, see
         eos_token_id=EOS_ID,
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
+    config = LlavaConfig(  # type: ignore[call-arg]
         vision_config=dinov2_small_config(),
         text_config=text,
         image_token_id=IMAGE_ID,
