@@ -20,7 +20,7 @@ def train_main(argv: list[str] | None = None) -> int:
     for f in dataclasses.fields(TrainConfig):
         default = f.default
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default)
-    parser.add_argument("--train-scenes", type=int, default=4000, help="scenes whose features are cached")
+    parser.add_argument("--train-scenes", type=int, default=3000, help="scenes whose features are cached")
     parser.add_argument("--val-scenes", type=int, default=300)
     parser.add_argument("--cache-only", action="store_true", help="only write the feature cache")
     args = vars(parser.parse_args(argv))

