@@ -241,3 +241,23 @@ def test_tower_memo_replays_the_same_signals(strategy):
     assert cached == reference
     torch.testing.assert_close(logits, ref_logits)
     assert "forward" not in vars(model.model.vision_tower)  # the memo is gone afterwards
+
+
+def test_training_sequence_positions_original_and_contiguous():
+    """Training feeds kept tokens where vtokprune's strategies put them: original positions or renumbered."""
+    from vtokprune.toyworld.model import build_model, build_tokenizer
+    from vtokprune.toyworld.train import assemble, token_ids
+
+    tok = build_tokenizer()
+    model = build_model(text_width=32, text_layers=1, heads=2)
+    keep = torch.tensor([[3, 9, 40], [0, 5, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    qs = [token_ids(tok, "what color is the circle ?".split()), token_ids(tok, "is there a red circle ?".split())]
+    feats = torch.zeros(2, NUM_PATCHES, 384)
+    _, pos, mask, at = assemble(model, feats, keep, qs, None, tok, valid, torch.tensor([False, True]))
+    head = 3 + 6  # <s> USER : + six question words, before the picture
+    assert pos[0, head : head + 3].tolist() == [head + 3, head + 9, head + 40]
+    assert pos[0, head + 3].item() == head + NUM_PATCHES  # the text after the picture continues after all 256
+    assert pos[1, head : head + 2].tolist() == [head, head + 1] and mask[1, head + 2] == 0
+    assert pos[1, head + 3].item() == head + 2  # renumbered: the text follows the two kept tokens
+    assert at.tolist() == [head + 3 + 6 + 2 - 1, head + 3 + 6 + 2 - 1]

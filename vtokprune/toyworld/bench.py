@@ -136,9 +136,11 @@ def run_benchmark(
     batch: int = 24,
     log: Any = print,
     memo: bool = True,
+    positions: str | None = None,
 ) -> dict[str, Any]:
     """Every configuration on the first `samples` held-out questions. Strategies that cannot run on this model
-    (CapabilityError, e.g. text_clip without its CLIP weights) are listed under "skipped"."""
+    (CapabilityError, e.g. text_clip without its CLIP weights) are listed under "skipped". `positions` overrides every
+    strategy's `positions` ("original" / "contiguous"; None: each strategy's default, its official code's)."""
     import vtokprune
 
     model, processor = load(model_path)
@@ -149,7 +151,8 @@ def run_benchmark(
     for name in strategy_names(strategies):
         try:
             for k in budgets:
-                strategy = vtokprune.get_strategy(name, keep=k)
+                extra = {} if positions is None else {"positions": positions}
+                strategy = vtokprune.get_strategy(name, keep=k, **extra)
                 vtokprune.apply(model, strategy)
                 vtokprune.remove(model)
                 configs.append((name, k, strategy))
@@ -198,6 +201,7 @@ def run_benchmark(
         "budgets": list(budgets),
         "visual_tokens": NUM_PATCHES,
         "interval": "95% Wilson",
+        "positions": positions or "each strategy's default",
         "torch_threads": torch.get_num_threads(),
         "seconds": round(time.time() - start, 1),
         "results": results,

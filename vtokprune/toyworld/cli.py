@@ -65,13 +65,16 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default=None, help="comma-separated names (default: every registered one)")
     parser.add_argument("--batch-size", "--batch", dest="batch", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--positions", choices=("original", "contiguous"), default=None, help="override every strategy's positions"
+    )
     parser.add_argument("--out", default="toy_accuracy", help="prefix of the .json/.csv/.png outputs ('' to skip)")
     parser.add_argument("--card", action="store_true", help="also rewrite the checkpoint's README.md model card")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     budgets = tuple(int(b) for b in args.budgets.split(",") if b)
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
-    report = run_benchmark(args.model, args.samples, budgets, strategies, args.batch)
+    report = run_benchmark(args.model, args.samples, budgets, strategies, args.batch, positions=args.positions)
     print()
     print(table(report))
     print()
