@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .bench import checks_table, per_type_table, table
+from .bench import check_budget, checks_table, per_type_table, table
 from .dinov2_convert import SOURCE_FILE, SOURCE_PACKAGE, SOURCE_SHA256
 from .scenes import ANSWERS, COLORS, DIAMETER, OBJECT_COUNT, QUESTION_TYPES, SHAPES
 
@@ -16,7 +16,7 @@ def write_model_card(path: Path, report: dict[str, Any]) -> None:
     cfg = info.get("config", {})
     best = info.get("best", {})
     size_mb = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
-    k = min(report["budgets"])
+    k = check_budget(report["budgets"], report.get("visual_tokens", 256))
     lines = [
         "---",
         "library_name: transformers",
@@ -41,7 +41,8 @@ def write_model_card(path: Path, report: dict[str, Any]) -> None:
         "",
         "model = LlavaForConditionalGeneration.from_pretrained(path)",
         "processor = AutoProcessor.from_pretrained(path)  # LlavaProcessor + CLIPImageProcessorPil (no torchvision)",
-        'text = "USER: <image>\\nwhat color is the circle ? ASSISTANT:"',
+        'q = "what color is the circle ?"',
+        'text = f"USER: {q} <image>\\n{q} ASSISTANT:"  # the chat template writes this: question, picture, question',
         'inputs = processor(images=image, text=text, return_tensors="pt")',
         "model.generate(**inputs, max_new_tokens=1)",
         "```",
@@ -65,12 +66,18 @@ def write_model_card(path: Path, report: dict[str, Any]) -> None:
         "## Training",
         "- Frozen tower; its layer-12 patch features (before the final LayerNorm, [CLS] dropped) cached for "
         f"{info.get('train_scenes', '?')} training scenes.",
-        "- Loss: answer cross-entropy only (answer word and end of sequence); **no supervision of any attention**, "
-        "no strategy's scores.",
-        "- Visual-token dropout: a batch keeps all 256 tokens or a log-uniform budget "
-        f"{cfg.get('min_keep', '?')}-{cfg.get('max_keep', '?')}; per sample random patches, or every object's "
-        "patches (ground-truth masks) filled up with random ones, or some objects' patches filled up the same way; "
-        "kept tokens at their original positions.",
+        "- Prompt: the question before the picture and again after it (the picture's tokens can read the question; "
+        "text-guided strategies find it after the picture as usual).",
+        "- Loss: answer cross-entropy (answer word and end of sequence) plus the projector's feature alignment (an "
+        "object patch's projected token predicts that object's colour and shape words through the input embeddings, "
+        "the role of LLaVA's stage-1 pretraining; ground-truth masks). **No supervision of any attention**, no "
+        "strategy's scores. Without the alignment term the decoder stayed at the question-only prior for 1,500+ "
+        "steps; with it it passed 95% validation accuracy by step 2,000.",
+        "- Visual-token dropout (ground-truth masks and chance): a curriculum starting from the evidence objects' "
+        "patches plus a random subset of the other objects' patches, then also random patches, every object's patches "
+        "filled up with random ones, or some objects' patches, at a log-uniform budget "
+        f"{cfg.get('min_keep', '?')}-{cfg.get('max_keep', '?')}, or all 256 tokens; kept tokens at their original "
+        f"positions or (p = {cfg.get('contiguous_prob', '?')}) renumbered contiguously, as strategies feed them.",
         f"- Decoder: Llama, width {cfg.get('text_width', '?')}, {cfg.get('text_layers', '?')} layers, "
         f"{cfg.get('heads', '?')} heads; word-level tokenizer. AdamW lr {cfg.get('lr', '?')}, batch "
         f"{cfg.get('batch', '?')}, {cfg.get('threads', '?')} CPU thread(s), warmup + cosine.",
@@ -80,7 +87,10 @@ def write_model_card(path: Path, report: dict[str, Any]) -> None:
             f"- {info['steps']} steps ({info['samples']} questions), {info['seconds'] / 60:.0f} minutes on a shared "
             f"2-core CPU; checkpoint kept: step {best.get('step')} (validation: unpruned "
             f"{100 * best.get('full', 0):.1f}%, random-28 {100 * best.get('random28', 0):.1f}%, oracle-28 "
-            f"{100 * best.get('oracle28', 0):.1f}%, teacher-forced, n={cfg.get('val_samples', '?')}).",
+            f"{100 * best.get('oracle28', 0):.1f}% / renumbered {100 * best.get('oracle28_contiguous', 0):.1f}%, "
+            f"teacher-forced, n={cfg.get('val_samples', '?')}). {info.get('stopped', '')}",
+            "- Feature cache: DINOv2 on 3,000 training + 300 validation scenes, ~25 minutes on one thread "
+            "(once; training reads the cache).",
             "- Reproduce: `vtokprune train-toy --out DIR` (settings: `training.json`, `vtokprune/toyworld/train.py`).",
         ]
     lines += [

@@ -49,6 +49,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     from .bench import (
         DEFAULT_BUDGETS,
         DEFAULT_SAMPLES,
+        check_budget,
         checks_table,
         per_type_table,
         plot,
@@ -57,6 +58,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         write_csv,
     )
     from .card import write_model_card
+    from .scenes import NUM_PATCHES
 
     parser = argparse.ArgumentParser(prog="vtokprune bench-toy", description=bench_main.__doc__)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the shipped toy-dinov2-llava)")
@@ -80,7 +82,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     print()
     print(checks_table(report))
     print()
-    print(per_type_table(report, min(budgets)))
+    print(per_type_table(report, check_budget(list(budgets), NUM_PATCHES)))
     if args.out:
         Path(f"{args.out}.json").write_text(json.dumps(report, indent=1) + "\n")
         write_csv(report, f"{args.out}.csv")
