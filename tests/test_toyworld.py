@@ -252,7 +252,10 @@ def test_training_sequence_positions_original_and_contiguous():
     model = build_model(text_width=32, text_layers=1, heads=2)
     keep = torch.tensor([[3, 9, 40], [0, 5, 0]])
     valid = torch.tensor([[True, True, True], [True, True, False]])
-    qs = [token_ids(tok, "what color is the circle ?".split()), token_ids(tok, "is there a red circle ?".split())]
+    qs = [
+        token_ids(tok, ["what", "color", "is", "the", "circle", "?"]),
+        token_ids(tok, ["is", "there", "a", "red", "circle", "?"]),
+    ]
     feats = torch.zeros(2, NUM_PATCHES, 384)
     _, pos, mask, at = assemble(model, feats, keep, qs, None, tok, valid, torch.tensor([False, True]))
     head = 3 + 6  # <s> USER : + six question words, before the picture
