@@ -1,6 +1,6 @@
 """Accuracy trade-off of pruning inside the vision tower vs after it, on the shipped toy LLaVA (CPU, offline).
 
-    python benchmarks/in_tower_accuracy.py --samples 400 --keep 64 --json benchmarks/results/in_tower_accuracy.json
+    python benchmarks/in_tower_accuracy.py --samples 400 --keep 28 --layers 3,6,9 --json benchmarks/results/in_tower_accuracy.json
 
 Every configuration answers the same held-out questions, so differences are paired: besides each accuracy (Wilson
 95% interval) the table gives the difference to the post-tower run of the same strategy with a paired bootstrap 95%
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -24,17 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's vtokprune
 
 import vtokprune  # noqa: E402
+from vtokprune.reporting import wilson_interval  # noqa: E402
 from vtokprune.toyworld.model import answer, load  # noqa: E402
 from vtokprune.toyworld.scenes import heldout, render  # noqa: E402
 
 
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
+def wilson(correct: int, n: int) -> tuple[float, float]:
+    return wilson_interval(correct / n, n) if n else (0.0, 1.0)
 
 
 def paired_bootstrap(a: list[int], b: list[int], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -58,7 +53,7 @@ def correctness(model: Any, processor: Any, samples: list[Any], batch: int) -> l
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=400)
-    p.add_argument("--keep", type=int, default=64)
+    p.add_argument("--keep", type=int, default=28)
     p.add_argument("--strategies", default="cls,visionzip,flowcut")
     p.add_argument("--layers", default=None, help="in-tower layers (default: every layer before the feature layer)")
     p.add_argument("--batch", type=int, default=16)

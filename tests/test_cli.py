@@ -73,7 +73,7 @@ def test_run_table_marks_answers_and_stays_quiet(capsys):
     assert "scene's answer:" in out and "mark" in out
     rows = [line for line in out.splitlines() if line.startswith(("none (unpruned)", "cls ", "fastv "))]
     assert len(rows) == 3 and all((" right " in r) != (" wrong " in r) for r in rows)
-    assert "576/576" in rows[0] and all(" 64/576 " in r for r in rows[1:])  # kept counts per row
+    assert "256/256" in rows[0] and all(" 64/256 " in r for r in rows[1:])  # kept counts per row
     assert rows[1].split()[2] == "64"  # cls: 64 visual tokens at every decoder layer
     assert "median of 1 calls after one warm-up" in out and "per layer" in out
     assert "[transformers]" not in captured.out + captured.err and "Warning" not in captured.err

@@ -87,21 +87,22 @@ def test_patch_grid_follows_resize_crop_and_pad():
 def test_token_cells_land_where_the_real_processor_puts_them():
     """Paint one patch cell of the original picture red; the processor's pixels must show it in that token's patch."""
     from vtokprune.toyworld import build_processor
+    from vtokprune.toyworld.scenes import GRID, IMAGE_SIZE, PATCH
 
     ip = build_processor().image_processor
     picture = Image.new("RGB", (500, 300), (30, 30, 30))
-    grid = patch_grid(picture.size, 336, 14, ip)
+    grid = patch_grid(picture.size, IMAGE_SIZE, PATCH, ip)
     left, top, right, bottom = grid.box
-    r, c = 5, 17
+    r, c = 5, 11
     cw, ch = (right - left) / grid.cols, (bottom - top) / grid.rows
     ImageDraw.Draw(picture).rectangle(
         (left + c * cw + 2, top + r * ch + 2, left + (c + 1) * cw - 3, top + (r + 1) * ch - 3), fill=(255, 0, 0)
     )
     pixels = torch.as_tensor(np.asarray(ip(images=picture, return_tensors="pt")["pixel_values"]))[0]
     red = pixels[0] - pixels[1]  # normalised red minus green: high only on the painted patch
-    per_patch = red.reshape(24, 14, 24, 14).mean(dim=(1, 3)).flatten()
+    per_patch = red.reshape(GRID, PATCH, GRID, PATCH).mean(dim=(1, 3)).flatten()
     assert int(per_patch.argmax()) == r * grid.cols + c
-    view = np.asarray(model_view(picture, grid, width=240)).astype(int)
+    view = np.asarray(model_view(picture, grid, width=GRID * 10)).astype(int)
     cell = view[r * 10 + 3 : (r + 1) * 10 - 3, c * 10 + 3 : (c + 1) * 10 - 3]
     assert (cell[..., 0] > 200).all() and (cell[..., 1] < 60).all()
 
@@ -289,14 +290,14 @@ def test_comparer_on_a_model_without_processor(tiny_comparer):
 
 
 def test_comparer_with_a_processor():
-    """The processor path, on the toy LLaVA's architecture (576 tokens, 24x24) with random weights."""
+    """The processor path, on the toy LLaVA's architecture (256 tokens, 16x16) with a random decoder."""
     from vtokprune.toyworld import build_model, build_processor
 
-    model = build_model(vision_width=32, vision_layers=2, text_width=32, text_layers=2).eval()
+    model = build_model(text_width=32, text_layers=2, heads=2).eval()
     c = Comparer(model, build_processor(), "toy", max_new_tokens=1)
-    assert c.tokens == 576 and c.default_keep == 64
-    outcomes = c.compare(Image.new("RGB", (400, 300), (10, 120, 200)), "what color is the circle ?", ["random"], 64)
-    assert outcomes[1].error is None and (outcomes[1].kept, outcomes[1].available) == (64, 576)
+    assert c.tokens == 256 and c.default_keep == 28
+    outcomes = c.compare(Image.new("RGB", (400, 300), (10, 120, 200)), "what color is the circle ?", ["random"], 28)
+    assert outcomes[1].error is None and (outcomes[1].kept, outcomes[1].available) == (28, 256)
     assert outcomes[1].picture is not None and outcomes[1].picture.size == (224, 224)
 
 

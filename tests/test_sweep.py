@@ -13,6 +13,7 @@ from vtokprune import sweep
 from vtokprune.lmms.engine import Engine, load_model
 from vtokprune.lmms.tasks import DATA_FILE, load_docs, rows
 from vtokprune.lmms.tasks.vtokprune_toy import utils
+from vtokprune.toyworld.scenes import IMAGE_SIZE, NUM_PATCHES
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_task_data_is_deterministic_and_shipped():
     assert utils.exact_match("Yes.", "yes") == 1.0 and utils.exact_match("no", "yes") == 0.0
     doc = shipped[0]
     assert utils.doc_to_choice(doc)[utils.doc_to_choice_index(doc)] == doc["answer"]
-    assert utils.doc_to_visual(doc)[0].size == (336, 336)
+    assert utils.doc_to_visual(doc)[0].size == (IMAGE_SIZE, IMAGE_SIZE)
 
 
 def test_engine_batches_match_single_requests(engine):
@@ -176,9 +177,9 @@ def test_sweep_reports_intervals_compute_environment_and_floor_check(tmp_path):
     fastv = cells[("fastv", "keep=64", None)]
     assert fastv["strategy_config"].startswith("FastV(keep=64") and "layer=1" in fastv["strategy_config"]
     assert fastv["params"] == "fastv.layer=1"
-    # FastV after layer 1 of the toy's L layers: (576 + (L - 1) * 64) / L visual tokens on average
+    # FastV after layer 1 of the toy's L layers: (256 + (L - 1) * 64) / L visual tokens on average
     layers = vtokprune.compute.DecoderShape.from_config(load_model(None)[0].config).num_layers
-    assert fastv["avg_visual_tokens"] == pytest.approx((576 + (layers - 1) * 64) / layers, abs=0.01)
+    assert fastv["avg_visual_tokens"] == pytest.approx((NUM_PATCHES + (layers - 1) * 64) / layers, abs=0.01)
     matched = cells[("random", f"keep={fastv['equivalent_keep']}", "fastv keep=64")]
     assert matched["avg_visual_tokens"] == fastv["equivalent_keep"]
     assert cells[("none", "full", None)]["prefill_tflops"] > fastv["prefill_tflops"] > matched["prefill_tflops"] * 0

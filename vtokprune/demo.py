@@ -154,10 +154,16 @@ def _field(size: Any, key: str) -> Any:
     return getattr(size, key, None)
 
 
-def tower_grid(model: Any) -> tuple[int, int] | None:
-    """(image_size, patch_size) of a single-grid vision tower, else None."""
+def tower_grid(model: Any, processor: Any = None) -> tuple[int, int] | None:
+    """(image side the tower sees, patch_size) of a single-grid vision tower, else None. The side is the processor's
+    crop when it has one: DINOv2 configs say 518 (their position grid) but are fed 224 px crops."""
     vc = getattr(model.config, "vision_config", None)
     side, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+    crop = getattr(getattr(processor, "image_processor", None), "crop_size", None)
+    height = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
+    width = crop.get("width") if isinstance(crop, dict) else getattr(crop, "width", None)
+    if isinstance(height, int) and height == width:
+        side = height
     if isinstance(side, (list, tuple)):
         side = side[0]
     if isinstance(patch, (list, tuple)):
@@ -303,7 +309,7 @@ class Comparer:
         self.description = description
         self.max_new_tokens = max_new_tokens
         self.lock = threading.Lock()
-        self.tower = tower_grid(model)
+        self.tower = tower_grid(model, processor)
         self.tokens = self._image_tokens()
         self.usable, self.skipped = self._probe_strategies()
 

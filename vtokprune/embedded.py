@@ -1,4 +1,5 @@
-"""The embedded default model: the toy LLaVA trained and shipped with the package, else a tiny random LLaVA.
+"""The embedded default model: the toy LLaVA (pretrained DINOv2-small tower, decoder trained on the toy world) shipped
+with the package, else a tiny random LLaVA.
 
 Either way nothing is downloaded.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-TOY_DIR = Path(__file__).parent / "assets" / "toy-llava"
+TOY_DIR = Path(__file__).parent / "assets" / "toy-dinov2-llava"
 
 
 def toy_checkpoint() -> Path | None:
@@ -21,7 +22,11 @@ def load_default() -> tuple[Any, Any, str]:
         from .loading import load_pretrained
 
         model, processor, _ = load_pretrained(str(path), dtype="float32")
-        return model, processor, f"embedded toy LLaVA ({path.name}, trained on the toy world)"
+        return (
+            model,
+            processor,
+            f"embedded toy LLaVA ({path.name}: DINOv2-small tower, decoder trained on the toy world)",
+        )
     from .tiny import tiny_llava
 
     return tiny_llava(seed=0), None, "embedded tiny random LLaVA (untrained; answers are token ids)"

@@ -1,5 +1,5 @@
-"""A procedurally generated shape world and a tiny LLaVA trained on it: an offline benchmark for visual token
-pruning."""
+"""A procedurally generated shape world and a small LLaVA (frozen DINOv2-small tower) trained on it: an offline
+benchmark of how much question evidence visual-token pruning keeps."""
 
 from .model import answer, build_model, build_processor, build_tokenizer, load, prompt
 from .scenes import (
@@ -8,12 +8,13 @@ from .scenes import (
     Sample,
     Scene,
     answer_question,
+    evidence_cover,
     heldout,
     make_questions,
     make_scene,
     patch_labels,
     render,
-    scene_labels,
+    validation,
 )
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "build_model",
     "build_processor",
     "build_tokenizer",
+    "evidence_cover",
     "heldout",
     "load",
     "make_questions",
@@ -33,5 +35,5 @@ __all__ = [
     "patch_labels",
     "prompt",
     "render",
-    "scene_labels",
+    "validation",
 ]

@@ -1,4 +1,4 @@
-"""The toy LLaVA: config, word-level tokenizer, processor, prompt format, and loading the shipped checkpoint."""
+"""The toy LLaVA (DINOv2-small tower): config, word-level tokenizer, processor, prompt format, and loading the shipped checkpoint."""
 
 from __future__ import annotations
 
@@ -12,21 +12,26 @@ from .scenes import ANSWERS, IMAGE_SIZE, PATCH, QUESTION_WORDS
 SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, UNK_ID = range(5)
 PROMPT_WORDS = ("USER", "ASSISTANT", ":")
+# The question comes before the picture and again after it: the visual tokens can read it (the picture's tokens only see
+# what precedes them), and text-guided strategies still find it after the picture, where LLaVA-style prompts put it.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %} "
+    "{% if message['role'] == 'user' %}"
+    "{% set ns = namespace(text='', image=false) %}"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{% set ns.image = true %}{% else %}{% set ns.text = ns.text + c['text'] %}{% endif %}"
+    "{% endfor %}"
+    "USER: {{ ns.text }} {% if ns.image %}<image>\n{{ ns.text }} {% endif %}"
     "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-llava"
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-dinov2-llava"
 
 
 def prompt(question: str) -> str:
     """The single-turn prompt the model was trained on (same as the chat template's output)."""
-    return f"USER: <image>\n{question} ASSISTANT:"
+    return f"USER: {question} <image>\n{question} ASSISTANT:"
 
 
 def vocabulary() -> list[str]:
@@ -63,13 +68,21 @@ def build_tokenizer() -> Any:
     return fast
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VISION_FEATURE_LAYER = -1  # DINOv2's last block (before its final LayerNorm) feeds the projector
+
+
 def build_processor(tokenizer: Any | None = None) -> Any:
-    """LlavaProcessor with the PIL-backed CLIP image processor (no torchvision needed)."""
+    """LlavaProcessor: 224 px, ImageNet normalisation (DINOv2's), PIL-backed (no torchvision needed)."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
     )
     return LlavaProcessor(
         image_processor=image_processor,
@@ -81,50 +94,40 @@ def build_processor(tokenizer: Any | None = None) -> Any:
     )
 
 
-def build_model(
-    vision_width: int = 128,
-    vision_layers: int = 4,
-    text_width: int = 128,
-    text_layers: int = 3,
-    seed: int = 0,
-) -> Any:
-    """A randomly initialised LlavaForConditionalGeneration with a 336px / patch-14 CLIP tower (576 image tokens)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def build_model(text_width: int = 256, text_layers: int = 4, heads: int = 4, seed: int = 0, vision: Any = None) -> Any:
+    """A LlavaForConditionalGeneration: DINOv2-small tower (`vision`: a converted Dinov2Model whose weights are
+    copied in; None leaves the tower random), 2-layer MLP projector, a small Llama decoder trained from scratch."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=vision_width * 2,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-        projection_dim=vision_width,
-    )
+    from .dinov2_convert import dinov2_small_config
+
     text = LlamaConfig(
         vocab_size=len(vocabulary()),
         hidden_size=text_width,
         intermediate_size=text_width * 3,
         num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         tie_word_embeddings=False,
     )
-    llava_kwargs: dict[str, Any] = dict(
-        vision_config=vision,
+    config = LlavaConfig(  # type: ignore[call-arg]
+        vision_config=dinov2_small_config(),
         text_config=text,
         image_token_id=IMAGE_ID,
-        # the last vision layer's output feeds the projector (LLaVA-1.5 uses -2; a toy model has no layer to spare)
-        vision_feature_layer=-1,
+        vision_feature_layer=VISION_FEATURE_LAYER,
         vision_feature_select_strategy="default",
         pad_token_id=PAD_ID,
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
     )
-    config = LlavaConfig(**llava_kwargs)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    if vision is not None:
+        # copy the state (loading the converted tower by file name trips transformers 5's key renames)
+        model.model.vision_tower.load_state_dict(vision.state_dict())
     model.generation_config.pad_token_id = PAD_ID
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.bos_token_id = BOS_ID

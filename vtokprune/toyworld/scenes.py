@@ -1,25 +1,26 @@
-"""Procedural shape scenes and single-word questions about them, deterministic by seed.
+"""Procedural shape scenes and one-word questions whose evidence is small and local, deterministic by seed.
 
-A scene is a 336x336 RGB picture: a cluttered grey background (low-frequency noise, grey strokes and dots, small grey
-glyphs) with 2-6 coloured shapes, each a unique (colour, shape) pair, some small (about two patches across) and some
-large. Questions ask about existence, colour, shape, size, counts and left/right/above/below relations, and their
-answers follow from the scene's metadata alone (:func:`answer_question`).
+A scene is a 224x224 RGB picture (16x16 = 256 patches of 14 px for a ViT-S/14): a plain or softly textured
+background with 2-4 small shapes (about 2x2 patches each), every one with its own colour and its own shape. A question
+asks the colour of the object of a shape, the shape of the object of a colour, or whether a colour-shape pair is there.
+Its evidence is the patches of the object it refers to; for an absent pair ("no") it is every object, since an answer
+must rule each one out. Answers and evidence follow from the scene metadata alone.
 
-Training scenes use seeds below :data:`HELDOUT_BASE`; the held-out split uses seeds from it upwards, so the two never
-share a scene.
+Splits by seed range, never overlapping: training scenes use seeds below :data:`VAL_BASE`, validation (model
+selection) seeds from :data:`VAL_BASE`, the held-out test split seeds from :data:`HELDOUT_BASE`.
 """
 
 from __future__ import annotations
 
-import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 336
+IMAGE_SIZE = 224
 PATCH = 14
-GRID = IMAGE_SIZE // PATCH  # 24 -> 576 patches
+GRID = IMAGE_SIZE // PATCH  # 16 -> 256 patches
+NUM_PATCHES = GRID * GRID
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -29,48 +30,21 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 50, 185),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = ("small", "large")
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
-QUESTION_TYPES = ("exist", "color", "shape", "size", "count_shape", "count_all", "left", "above", "smallest")
+QUESTION_TYPES = ("color", "shape", "exist")
+OBJECT_COUNT = (2, 4)  # inclusive
+DIAMETER = (24.0, 32.0)  # pixels: about two patches across
+VAL_BASE = 500_000_000
+HELDOUT_BASE = 1_000_000_000
 
-SMALL_RANGE = (18, 26)  # diameter in pixels: under two patches
-LARGE_RANGE = (44, 72)
-HELDOUT_BASE = 1_000_000_000  # training seeds are below this, held-out seeds at or above it
-
-ANSWERS: tuple[str, ...] = ("yes", "no", *COLORS, *SHAPES, *SIZES, *NUMBERS)
-QUESTION_WORDS: tuple[str, ...] = (
-    "is",
-    "there",
-    "a",
-    "what",
-    "color",
-    "shape",
-    "the",
-    "object",
-    "small",
-    "or",
-    "large",
-    "how",
-    "many",
-    "objects",
-    "are",
-    "left",
-    "of",
-    "above",
-    "smallest",
-    "circles",
-    "squares",
-    "triangles",
-    "crosses",
-    "?",
-)
+ANSWERS: tuple[str, ...] = ("yes", "no", *COLORS, *SHAPES)
+QUESTION_WORDS: tuple[str, ...] = ("is", "there", "a", "what", "color", "shape", "the", "object", "?")
+NUM_CLASSES = 1 + len(COLORS) * len(SHAPES)  # per-patch classes: background + every colour-shape pair
 
 
 @dataclass(frozen=True)
 class Obj:
     color: str
     shape: str
-    size: str  # "small" | "large"
     cx: float
     cy: float
     diameter: float
@@ -89,14 +63,10 @@ class Obj:
 class Scene:
     seed: int
     objects: list[Obj]
-    background: int
-    glyphs: list[tuple[str, int, int]] = field(default_factory=list)
+    background: int  # seed of the background texture
 
     def find(self, color: str | None = None, shape: str | None = None) -> list[Obj]:
         return [o for o in self.objects if (color is None or o.color == color) and (shape is None or o.shape == shape)]
-
-
-NUM_CLASSES = 1 + len(COLORS) * len(SHAPES)  # per-patch classes (background + every colour-shape pair)
 
 
 @dataclass(frozen=True)
@@ -104,256 +74,146 @@ class QA:
     question: str
     answer: str
     kind: str
-    refs: tuple[int, ...] = ()  # Obj.label of the objects whose patches hold the answer (empty: none do)
+    refs: tuple[int, ...] = ()  # Obj.label of the objects whose patches hold the evidence
 
 
-def make_scene(seed: int, glyphs: bool = True) -> Scene:
+@dataclass(frozen=True)
+class Sample:
+    scene: Scene
+    qa: QA
+
+
+def make_scene(seed: int) -> Scene:
     """The scene of `seed` (same seed, same scene)."""
-    rng = np.random.default_rng([seed, 7])
-    n = int(rng.integers(2, 7))
-    pairs = [(c, s) for c in COLORS for s in SHAPES]
-    order = rng.permutation(len(pairs))
+    rng = np.random.default_rng([seed, 14])
+    n = int(rng.integers(OBJECT_COUNT[0], OBJECT_COUNT[1] + 1))
+    colors = [list(COLORS)[i] for i in rng.permutation(len(COLORS))[:n]]
+    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n]]
     objects: list[Obj] = []
-    for pi in order:
-        if len(objects) == n:
-            break
-        color, shape = pairs[int(pi)]
-        size = "small" if rng.random() < 0.5 else "large"
-        lo, hi = SMALL_RANGE if size == "small" else LARGE_RANGE
-        d = float(rng.uniform(lo, hi))
-        for _ in range(60):
-            cx, cy = (float(v) for v in rng.uniform(d / 2 + 4, IMAGE_SIZE - d / 2 - 4, size=2))
-            if all(np.hypot(cx - o.cx, cy - o.cy) > (d + o.diameter) / 2 + 10 for o in objects):
-                objects.append(Obj(color, shape, size, round(cx, 2), round(cy, 2), round(d, 2)))
+    for color, shape in zip(colors, shapes):
+        d = float(rng.uniform(*DIAMETER))
+        for _ in range(100):
+            cx, cy = (float(v) for v in rng.uniform(d / 2 + 3, IMAGE_SIZE - d / 2 - 3, size=2))
+            if all(np.hypot(cx - o.cx, cy - o.cy) > (d + o.diameter) / 2 + 12 for o in objects):
+                objects.append(Obj(color, shape, round(cx, 2), round(cy, 2), round(d, 2)))
                 break
-    glyph_list: list[tuple[str, int, int]] = []
-    if glyphs:
-        for _ in range(int(rng.integers(3, 10))):
-            ch = str(rng.choice(list(string.ascii_uppercase + string.digits)))
-            glyph_list.append((ch, int(rng.integers(0, IMAGE_SIZE - 10)), int(rng.integers(0, IMAGE_SIZE - 12))))
-    return Scene(seed=seed, objects=objects, background=int(rng.integers(0, 2**31 - 1)), glyphs=glyph_list)
-
-
-def _shape_polygon(o: Obj) -> list[tuple[float, float]] | None:
-    r = o.diameter / 2
-    x, y = o.cx, o.cy
-    if o.shape == "triangle":
-        return [(x, y - r), (x + r * 0.95, y + r * 0.8), (x - r * 0.95, y + r * 0.8)]
-    if o.shape == "cross":
-        t = r * 0.36
-        return [
-            (x - t, y - r),
-            (x + t, y - r),
-            (x + t, y - t),
-            (x + r, y - t),
-            (x + r, y + t),
-            (x + t, y + t),
-            (x + t, y + r),
-            (x - t, y + r),
-            (x - t, y + t),
-            (x - r, y + t),
-            (x - r, y - t),
-            (x - t, y - t),
-        ]
-    return None
+    return Scene(seed=seed, objects=objects, background=int(rng.integers(0, 2**31 - 1)))
 
 
 def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, fill: int | tuple[int, int, int]) -> None:
     r = o.diameter / 2
-    box = (o.cx - r, o.cy - r, o.cx + r, o.cy + r)
+    x, y = o.cx, o.cy
     if o.shape == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif o.shape == "square":
-        s = r * 0.88
-        draw.rectangle((o.cx - s, o.cy - s, o.cx + s, o.cy + s), fill=fill)
+        s = r * 0.85
+        draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + r * 0.8), (x - r, y + r * 0.8)], fill=fill)
     else:
-        poly = _shape_polygon(o)
-        assert poly is not None
-        draw.polygon(poly, fill=fill)
-
-
-_FONT: ImageFont.FreeTypeFont | ImageFont.ImageFont | None = None
-
-
-def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    global _FONT
-    if _FONT is None:
-        _FONT = ImageFont.load_default()
-    return _FONT
+        t = r * 0.34
+        draw.rectangle((x - t, y - r, x + t, y + r), fill=fill)
+        draw.rectangle((x - r, y - t, x + r, y + t), fill=fill)
 
 
 def render(scene: Scene) -> Image.Image:
-    """The RGB picture of `scene`."""
+    """The RGB picture of `scene`: plain or softly textured grey-ish background, then the objects."""
     rng = np.random.default_rng(scene.background)
-    base = rng.uniform(120, 200)
-    low = rng.normal(0, 18, size=(8, 8)).astype(np.float32)
-    low_img = Image.fromarray(low).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-    grey = base + np.asarray(low_img) + rng.normal(0, 6, size=(IMAGE_SIZE, IMAGE_SIZE))
-    tint = rng.uniform(-6, 6, size=3)
+    base = rng.uniform(110, 210)
+    tint = rng.uniform(-12, 12, size=3)
+    grey = np.full((IMAGE_SIZE, IMAGE_SIZE), base, dtype=np.float32)
+    if rng.random() < 0.5:  # textured: low-frequency blotches plus grain
+        low = rng.normal(0, 14, size=(6, 6)).astype(np.float32)
+        grey += np.asarray(Image.fromarray(low).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC))
+        grey += rng.normal(0, 5, size=grey.shape).astype(np.float32)
     arr = np.clip(grey[..., None] + tint[None, None, :], 0, 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(4, 12))):  # grey strokes
-        x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, IMAGE_SIZE, size=4))
-        g = int(rng.integers(60, 230))
-        draw.line((x0, y0, x1, y1), fill=(g, g, g), width=int(rng.integers(1, 4)))
-    for _ in range(int(rng.integers(10, 40))):  # grey dots
-        x, y = (float(v) for v in rng.uniform(0, IMAGE_SIZE, size=2))
-        rr = float(rng.uniform(1, 4))
-        g = int(rng.integers(60, 230))
-        draw.ellipse((x - rr, y - rr, x + rr, y + rr), fill=(g, g, g))
-    for ch, gx, gy in scene.glyphs:
-        g = int(rng.integers(30, 90))
-        draw.text((gx, gy), ch, fill=(g, g, g), font=_font())
     for o in scene.objects:
         _draw_obj(draw, o, COLORS[o.color])
     return img
 
 
-def patch_labels(scene: Scene, min_cover: float = 0.12) -> np.ndarray:
-    """[576] int64: per patch, the class (Obj.label) of the object covering most of it, 0 for background."""
-    best = np.zeros((GRID, GRID), dtype=np.float32)
-    labels = np.zeros((GRID, GRID), dtype=np.int64)
+def object_cover(scene: Scene) -> dict[int, np.ndarray]:
+    """Obj.label -> [NUM_PATCHES] float32: the fraction of each patch that object covers."""
+    out: dict[int, np.ndarray] = {}
     for o in scene.objects:
         mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
         _draw_obj(ImageDraw.Draw(mask), o, 255)
         cover = np.asarray(mask, dtype=np.float32).reshape(GRID, PATCH, GRID, PATCH).mean(axis=(1, 3)) / 255.0
-        take = (cover >= min_cover) & (cover > best)
-        labels[take] = o.label
-        best = np.maximum(best, cover)
-    return labels.reshape(-1)
-
-
-def scene_labels(scene: Scene) -> np.ndarray:
-    """[2 * (NUM_CLASSES - 1)] float32 multi-hot: which colour-shape pairs are present, and which are present small."""
-    out = np.zeros(2 * (NUM_CLASSES - 1), dtype=np.float32)
-    for o in scene.objects:
-        out[o.label - 1] = 1.0
-        if o.size == "small":
-            out[NUM_CLASSES - 1 + o.label - 1] = 1.0
+        out[o.label] = cover.reshape(-1)
     return out
 
 
-def _plural(shape: str) -> str:
-    return shape + ("es" if shape.endswith("s") else "s")
+def patch_labels(scene: Scene, min_cover: float = 0.1) -> np.ndarray:
+    """[NUM_PATCHES] int64: per patch, the label of the object covering most of it (>= min_cover), else 0."""
+    covers = object_cover(scene)
+    labels = np.zeros(NUM_PATCHES, dtype=np.int64)
+    best = np.zeros(NUM_PATCHES, dtype=np.float32)
+    for label, cover in covers.items():
+        take = (cover >= min_cover) & (cover > best)
+        labels[take] = label
+        best = np.maximum(best, cover)
+    return labels
 
 
-_SHAPE_OF_PLURAL = {_plural(s): s for s in SHAPES}
+def evidence_cover(scene: Scene, refs: tuple[int, ...]) -> np.ndarray:
+    """[NUM_PATCHES] float32: how much of each patch the evidence objects `refs` cover (0 where none does)."""
+    covers = object_cover(scene)
+    out = np.zeros(NUM_PATCHES, dtype=np.float32)
+    for label in refs:
+        out = np.maximum(out, covers[label])
+    return out
 
 
-def _pick(rng: np.random.Generator, objs: list[Obj]) -> Obj:
-    """Pick an object, small ones twice as likely (they are what pruning loses)."""
-    w = np.array([2.0 if o.size == "small" else 1.0 for o in objs])
-    return objs[int(rng.choice(len(objs), p=w / w.sum()))]
+def answer_question(scene: Scene, question: str) -> str:
+    """The answer to `question` computed from the scene metadata alone (raises ValueError if it has none)."""
+    w = question.replace("?", "").split()
+    if w[:2] == ["is", "there"] and len(w) == 5:
+        return "yes" if scene.find(w[3], w[4]) else "no"
+    if w[:4] == ["what", "color", "is", "the"] and len(w) == 5:
+        (o,) = scene.find(shape=w[4])
+        return o.color
+    if w[:4] == ["what", "shape", "is", "the"] and len(w) == 6:
+        (o,) = scene.find(color=w[4])
+        return o.shape
+    raise ValueError(f"not a toyworld question: {question!r}")
+
+
+def evidence(scene: Scene, question: str) -> tuple[int, ...]:
+    """Labels of the objects whose patches an answer must look at (every object for an absent pair)."""
+    w = question.replace("?", "").split()
+    if w[:2] == ["is", "there"]:
+        found = scene.find(w[3], w[4]) or scene.objects
+    elif w[1] == "color":
+        found = scene.find(shape=w[4])
+    else:
+        found = scene.find(color=w[4])
+    return tuple(sorted(o.label for o in found))
 
 
 def _make(kind: str, scene: Scene, rng: np.random.Generator) -> QA | None:
     objs = scene.objects
-    if kind == "exist":
+    if kind == "color":
+        q = f"what color is the {objs[int(rng.integers(len(objs)))].shape} ?"
+    elif kind == "shape":
+        q = f"what shape is the {objs[int(rng.integers(len(objs)))].color} object ?"
+    elif kind == "exist":
         if rng.random() < 0.5:
-            o = _pick(rng, objs)
-            q = f"is there a {o.name} ?"
-        else:
+            q = f"is there a {objs[int(rng.integers(len(objs)))].name} ?"
+        else:  # absent pairs sharing a colour or a shape with a present object: the informative "no"s
             present = {(o.color, o.shape) for o in objs}
-            # absent pairs that share a colour or a shape with a present object are the informative ones
             near = [
                 (c, s)
                 for c in COLORS
                 for s in SHAPES
                 if (c, s) not in present and any(c == pc or s == ps for pc, ps in present)
             ]
-            if not near:
-                return None
             c, s = near[int(rng.integers(len(near)))]
             q = f"is there a {c} {s} ?"
-    elif kind == "color":
-        uniq = [o for o in objs if len(scene.find(shape=o.shape)) == 1]
-        if not uniq:
-            return None
-        q = f"what color is the {_pick(rng, uniq).shape} ?"
-    elif kind == "shape":
-        uniq = [o for o in objs if len(scene.find(color=o.color)) == 1]
-        if not uniq:
-            return None
-        q = f"what shape is the {_pick(rng, uniq).color} object ?"
-    elif kind == "size":
-        q = f"is the {objs[int(rng.integers(len(objs)))].name} small or large ?"
-    elif kind == "count_shape":
-        q = f"how many {_plural(SHAPES[int(rng.integers(len(SHAPES)))])} are there ?"
-    elif kind == "count_all":
-        q = "how many objects are there ?"
-    elif kind in ("left", "above"):
-        if len(objs) < 2:
-            return None
-        axis = 0 if kind == "left" else 1
-        pairs = [
-            (a, b)
-            for a in objs
-            for b in objs
-            if a is not b and abs((a.cx, a.cy)[axis] - (b.cx, b.cy)[axis]) > (a.diameter + b.diameter) / 4 + 8
-        ]
-        if not pairs:
-            return None
-        a, b = pairs[int(rng.integers(len(pairs)))]
-        q = f"is the {a.name} left of the {b.name} ?" if kind == "left" else f"is the {a.name} above the {b.name} ?"
-    elif kind == "smallest":
-        ds = sorted(o.diameter for o in objs)
-        if len(ds) < 2 or ds[0] > 0.8 * ds[1]:
-            return None
-        q = "what color is the smallest object ?"
     else:
-        raise ValueError(f"unknown question type {kind!r}")
+        raise ValueError(f"unknown question type {kind!r}; known: {QUESTION_TYPES}")
     return QA(q, answer_question(scene, q), kind, evidence(scene, q))
-
-
-def answer_question(scene: Scene, question: str) -> str:
-    """The answer to `question` computed from the scene metadata alone (raises ValueError if it has none)."""
-    w = question.replace("?", "").split()
-    if w[:2] == ["is", "there"]:
-        return "yes" if scene.find(w[3], w[4]) else "no"
-    if w[:3] == ["what", "color", "is"] and w[4] == "smallest":
-        return min(scene.objects, key=lambda o: o.diameter).color
-    if w[:3] == ["what", "color", "is"]:
-        (o,) = scene.find(shape=w[4])
-        return o.color
-    if w[:3] == ["what", "shape", "is"]:
-        (o,) = scene.find(color=w[4])
-        return o.shape
-    if w[0] == "is" and w[-3:] == ["small", "or", "large"]:
-        (o,) = scene.find(w[2], w[3])
-        return o.size
-    if w[:2] == ["how", "many"]:
-        if w[2] == "objects":
-            return NUMBERS[len(scene.objects)]
-        return NUMBERS[len(scene.find(shape=_SHAPE_OF_PLURAL[w[2]]))]
-    if w[0] == "is" and w[4] in ("left", "above"):
-        (a,) = scene.find(w[2], w[3])
-        rest = w[-2:]
-        (b,) = scene.find(rest[0], rest[1])
-        if w[4] == "left":
-            return "yes" if a.cx < b.cx else "no"
-        return "yes" if a.cy < b.cy else "no"
-    raise ValueError(f"not a toyworld question: {question!r}")
-
-
-def evidence(scene: Scene, question: str) -> tuple[int, ...]:
-    """Labels of the objects a question is about (the patches an answer must look at); empty if none exist."""
-    w = question.replace("?", "").split()
-    if w[:2] == ["is", "there"]:
-        found = scene.find(w[3], w[4])
-    elif w[:3] == ["what", "color", "is"] and w[4] == "smallest":
-        found = scene.objects
-    elif w[:3] == ["what", "color", "is"]:
-        found = scene.find(shape=w[4])
-    elif w[:3] == ["what", "shape", "is"]:
-        found = scene.find(color=w[4])
-    elif w[:2] == ["how", "many"]:
-        found = scene.objects if w[2] == "objects" else scene.find(shape=_SHAPE_OF_PLURAL[w[2]])
-    elif w[0] == "is" and w[-3:] == ["small", "or", "large"]:
-        found = scene.find(w[2], w[3])
-    else:
-        found = scene.find(w[2], w[3]) + scene.find(w[-2], w[-1])
-    return tuple(sorted(o.label for o in found))
 
 
 def make_questions(scene: Scene, n: int, seed: int | None = None, kinds: tuple[str, ...] = QUESTION_TYPES) -> list[QA]:
@@ -371,14 +231,8 @@ def make_questions(scene: Scene, n: int, seed: int | None = None, kinds: tuple[s
     return out
 
 
-@dataclass(frozen=True)
-class Sample:
-    scene: Scene
-    qa: QA
-
-
-def heldout(n: int = 300, base: int = HELDOUT_BASE) -> list[Sample]:
-    """The held-out evaluation split: `n` (scene, question) pairs, question types taken in turn, seeds >= base."""
+def split(n: int, base: int) -> list[Sample]:
+    """`n` (scene, question) pairs from seeds `base`, `base + 1`, ..., question types taken in turn."""
     out: list[Sample] = []
     i = 0
     while len(out) < n:
@@ -391,6 +245,16 @@ def heldout(n: int = 300, base: int = HELDOUT_BASE) -> list[Sample]:
     return out
 
 
+def heldout(n: int = 600, base: int = HELDOUT_BASE) -> list[Sample]:
+    """The held-out test split (seeds >= HELDOUT_BASE): never used for training or model selection."""
+    return split(n, base)
+
+
+def validation(n: int = 600) -> list[Sample]:
+    """The validation split (seeds from VAL_BASE): model selection and early stopping only."""
+    return split(n, VAL_BASE)
+
+
 def train_seed(i: int) -> int:
-    """Seed of the i-th training scene (always below HELDOUT_BASE)."""
-    return i % HELDOUT_BASE
+    """Seed of the i-th training scene (always below VAL_BASE)."""
+    return i % VAL_BASE
