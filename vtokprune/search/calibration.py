@@ -70,7 +70,9 @@ def score(predictions: list[int], reference: list[int], labels: list[int] | None
     return out
 
 
-def toy_calibration(processor: Any, samples: int = 64, seed: int = 0, batch: int = 16, dtype: Any = None) -> Calibration:
+def toy_calibration(
+    processor: Any, samples: int = 64, seed: int = 0, batch: int = 16, dtype: Any = None
+) -> Calibration:
     """`samples` questions on toy-world TRAINING scenes (seeds drawn with `seed`, all below the held-out base)."""
     import numpy as np
 
@@ -93,7 +95,8 @@ def toy_calibration(processor: Any, samples: int = 64, seed: int = 0, batch: int
         qs = make_questions(scene, 1, seed=scene_seed)
         if qs:
             pairs.append((scene, qs[0].question, qs[0].answer))
-    batches, labels = [], []
+    batches: list[dict[str, torch.Tensor]] = []
+    labels: list[int] = []
     side = getattr(tokenizer, "padding_side", "left")
     tokenizer.padding_side = "left"  # the last position must be each prompt's last token
     try:

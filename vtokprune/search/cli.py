@@ -89,9 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
         )
     print(f"counts per layer: {result.counts}")
-    print(f"avg visual tokens over layers: {result.compute['avg_visual_tokens']}, "
-          f"prefill TFLOPs: {result.compute['prefill_tflops']:.6g}")
-    scores = ", ".join(f"{k} {100 * v:.1f}% (unpruned {100 * result.unpruned[k]:.1f}%)" for k, v in result.scores.items())
+    print(
+        f"avg visual tokens over layers: {result.compute['avg_visual_tokens']}, "
+        f"prefill TFLOPs: {result.compute['prefill_tflops']:.6g}"
+    )
+    scores = ", ".join(
+        f"{k} {100 * v:.1f}% (unpruned {100 * result.unpruned[k]:.1f}%)" for k, v in result.scores.items()
+    )
     print(f"calibration ({calibration.size} samples): {scores}")
     print(f"evaluations: {result.evaluations} ({result.computed} computed now, the rest from {state})")
     print(f"wrote {result.path}; use it: vtokprune sweep --strategies scheduled --set scheduled.file={result.path}")

@@ -138,9 +138,11 @@ def read_schedule(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BudgetError(f"schedule file {str(path)!r} is not valid JSON ({e}); rewrite it with `vtokprune search`")
+        raise BudgetError(
+            f"schedule file {str(path)!r} is not valid JSON ({e}); rewrite it with `vtokprune search`"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BudgetError(f"{str(path)!r} is not a vtokprune schedule file (no \"format\": \"{FORMAT}\")")
+        raise BudgetError(f'{str(path)!r} is not a vtokprune schedule file (no "format": "{FORMAT}")')
     if int(data.get("format_version", 0)) > FORMAT_VERSION:
         raise BudgetError(f"schedule file {str(path)!r} has format_version {data['format_version']}; upgrade vtokprune")
     for key in ("num_layers", "visual_tokens", "counts"):

@@ -115,8 +115,10 @@ def train_head(
         "label_mean": round(float(y.mean()), 4),
     }
     save_head(head, out, config)
-    log(f"{kind} head: {len(y)} labels, mean {config['label_mean']}, final loss {config['final_loss']}, "
-        f"{'train accuracy' if kind == 'dyvte' else 'mean abs error'} {config['train_fit']}; wrote {out}")
+    log(
+        f"{kind} head: {len(y)} labels, mean {config['label_mean']}, final loss {config['final_loss']}, "
+        f"{'train accuracy' if kind == 'dyvte' else 'mean abs error'} {config['train_fit']}; wrote {out}"
+    )
     return config
 
 

@@ -52,7 +52,7 @@ def tune(
     clash = sorted(set(ranges) & set(fixed))
     if clash:
         raise BudgetError(f"{', '.join(clash)} are what tune() fits; do not also fix them")
-    base = get_strategy(name, **fixed).with_default_budget()  # bad fixed parameters fail before any evaluation
+    base: Any = get_strategy(name, **fixed).with_default_budget()  # bad fixed parameters fail before any evaluation
     identity = {
         "model": str(getattr(model.config, "_name_or_path", "")),
         "strategy": name,
