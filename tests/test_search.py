@@ -181,3 +181,24 @@ def test_cli_search_errors_are_one_line(capsys):
 
     assert main(["search", "--calibration", "gqa"]) == 2
     assert "not implemented" in capsys.readouterr().err
+
+
+def test_keep_for_average_matches_fixed_strategies_to_a_target():
+    from vtokprune.compute import average_visual_tokens
+    from vtokprune.search.compare import keep_for_average
+
+    keep, avg = keep_for_average("pdrop", 200.0, 32, 576)
+    assert abs(avg - 200.0) <= 1.0
+    assert avg == average_visual_tokens(vtokprune.get_strategy("pdrop", keep=keep), 32, 576)
+    with pytest.raises(BudgetError, match="cannot average"):
+        keep_for_average("fastv", 20.0, 4, 64)
+
+
+def test_measured_average_reads_the_stages(model, calibration):
+    from vtokprune.search.compare import measured_average
+
+    strategy = vtokprune.get_strategy("scheduled", counts=(64, 32, 16, 16))
+    with vtokprune.pruned(model, strategy), torch.inference_mode():
+        model(**calibration.batches[0])
+        averages = measured_average(vtokprune.last_selection(model), LAYERS)
+    assert averages == [32.0, 32.0]
