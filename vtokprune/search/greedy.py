@@ -1,5 +1,9 @@
 """G-Search: greedily, from the shallowest decoder layer to the deepest, the fewest visual tokens each layer can keep.
 
+Zhao et al., "Accelerating Multimodal Large Language Models by Searching Optimal Vision Token Reduction" (CVPR 2025):
+the ranking of visual tokens by attention is similar across layers (except the first), so the number of essential
+tokens never grows with depth, and a greedy pass from shallow to deep finds the fewest per layer.
+
 For layer l = 1 .. L-1 in turn, with layers < l fixed, the candidate counts c <= counts[l-1] (a grid of `levels`
 fractions of the image's tokens) are tried with every layer >= l at c; the smallest c whose calibration objective
 stays within `tolerance` of the unpruned model's is kept. The objective is assumed to grow with c, so each layer is a

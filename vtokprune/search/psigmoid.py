@@ -1,5 +1,11 @@
 """P-Sigmoid: a parametric sigmoid schedule over decoder depth, its parameters fitted by Bayesian optimisation.
 
+Zhao et al., "Accelerating Multimodal Large Language Models by Searching Optimal Vision Token Reduction" (CVPR 2025,
+arXiv 2412.00556): G-Search finds the fewest tokens per layer; under a fixed budget, a parametric sigmoid over the
+layers sets each layer's keep rate, its parameters tuned by Bayesian optimisation. Only the paper's abstract and
+summary could be read here, so the exact parameterisation below is this library's (a falling sigmoid with a
+learnable centre, steepness and floor, rescaled to meet the budget exactly), not necessarily the paper's.
+
 Fraction of an image's tokens kept at layer l (x = l / (L - 1) in [0, 1])::
 
     s(x) = floor + (1 - floor) * sigmoid(steepness * (center - x)) / sigmoid(steepness * center)

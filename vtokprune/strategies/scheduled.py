@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -97,6 +97,3 @@ class Scheduled(LLMStrategy):
 
     def score(self, probs: torch.Tensor, row_valid: torch.Tensor, ctx: LLMContext) -> torch.Tensor:
         return last_token_attention_scores(probs)
-
-    def describe(self) -> dict[str, Any]:
-        return {"counts": self.counts, "tokens": self.tokens, "score_layer": self.score_layer}
