@@ -29,6 +29,7 @@ class SearchResult:
     computed: int
     params: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
+    greedy_counts: list[int] | None = None
 
 
 def compute_measures(model: Any, visual: int, text: int) -> dict[str, Callable[[list[int]], float]]:
@@ -116,9 +117,11 @@ def search(
         model, calibration, objective, identity, state, FAMILIES[family], on_evaluation=_ticker(bar)
     )
     params: dict[str, float] = {}
+    found: list[int] | None = None  # greedy: the schedule before scaling to the target
     if method == "greedy":
         threshold = evaluator.full[objective] - tolerance
         counts = greedy_search(evaluator, num_layers, visual, threshold, levels)
+        found = counts
         if target is not None:
             counts = fit_counts([c / visual for c in counts], visual, measure, float(target))
     else:
@@ -142,6 +145,7 @@ def search(
         evaluations=len(evaluator.data["evaluations"]),
         computed=evaluator.computed,
         params=params,
+        greedy_counts=found,
     )
     evaluator.set_result(settings, {"counts": counts, "scores": scores, "params": params})
     if out is not None:
@@ -158,6 +162,7 @@ def search(
                 "settings": settings,
                 "seed": seed,
                 "params": params,
+                "greedy_counts": found,
                 "compute": {**compute, "text_tokens": text},
                 "objective": {"name": objective, "pruned": scores, "unpruned": evaluator.full},
             },

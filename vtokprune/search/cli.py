@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             out=out,
             progress=not args.quiet,
         )
+    if result.greedy_counts is not None and result.greedy_counts != result.counts:
+        print(f"greedy search (within tolerance): {result.greedy_counts}, then scaled to the target")
     print(f"counts per layer: {result.counts}")
     print(
         f"avg visual tokens over layers: {result.compute['avg_visual_tokens']}, "
