@@ -36,19 +36,27 @@ from .strategies import (
     ZOOPrune,
 )
 from .strategies.adaptinfer import AdaptInfer
+from .strategies.atp import ATP
 from .strategies.cls_multilayer import CLSMultiLayer
 from .strategies.divprune import DivPrune
+from .strategies.dyvte import DyVTE
 from .strategies.flowcut import FlowCut
 from .strategies.holov import HoloV
 from .strategies.pdrop import PyramidDrop
+from .strategies.scheduled import Scheduled
 from .strategies.sparsevlm import SparseVLM
 from .strategies.text_clip import TextCLIP
+from .strategies.vflowopt import VFlowOpt
 from .strategies.visionzip import VisionZip
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VisionZip",
+    "VFlowOpt",
+    "Scheduled",
+    "DyVTE",
+    "ATP",
     "TextCLIP",
     "SparseVLM",
     "PyramidDrop",

@@ -11,6 +11,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train-toy": ("vtokprune.toyworld.cli", "train_main", "train the embedded toy LLaVA model"),
     "bench-toy": ("vtokprune.toyworld.cli", "bench_main", "accuracy of strategies x budgets on the toy world"),
     "sweep": ("vtokprune.sweep", "main", "strategies x budgets x tasks (resumable): JSON, CSV and plots"),
+    "search": ("vtokprune.search.cli", "main", "search a per-layer visual-token schedule (G-Search, P-Sigmoid)"),
+    "train-budget": ("vtokprune.search.train_heads", "main", "train a DyVTE exit head or an ATP ratio head"),
     "demo": ("vtokprune.demo", "main", "Gradio app: compare what each strategy keeps, side by side (needs [demo])"),
 }
 

@@ -238,12 +238,12 @@ def _prune_stage(run: ForwardRun, layer: int, hidden: torch.Tensor) -> torch.Ten
     assert run.image_ids is not None
     image_ids = run.image_ids if run.current is None else run.current.gather(run.image_ids, fill=-1)
     image_ids = image_ids.masked_fill(~candidates, -1)
-    scores = run.strategy.stage_scores(scores, hidden, ctx, image_ids, run.budgets[layer])
+    budget = run.strategy.stage_budget(run.budgets[layer], hidden, ctx, image_ids)
+    scores = run.strategy.stage_scores(scores, hidden, ctx, image_ids, budget)
     # Rank candidates by score (stable: ties go to the earlier token), then keep each image's budget of its own.
     order = torch.sort(scores.float().masked_fill(~candidates, -torch.inf), dim=1, descending=True, stable=True).indices
     image_sorted = torch.gather(image_ids, 1, order)
     rank_sorted = torch.zeros_like(order)
-    budget = run.budgets[layer]
     for j in range(budget.shape[1]):
         in_image = image_sorted == j
         rank_sorted = torch.where(in_image, torch.cumsum(in_image.long(), dim=1) - 1, rank_sorted)

@@ -196,6 +196,13 @@ class LLMStrategy(Strategy):
         """For `needs_attention = False`: [B, Hkv, L, d] keys of the layer before a stage -> [B, L] scores."""
         raise NotImplementedError  # pragma: no cover
 
+    def stage_budget(
+        self, budget: torch.Tensor, hidden: torch.Tensor, ctx: LLMContext, image_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, M] tokens each image keeps at this stage; instance-adaptive strategies (DyVTE, ATP) decide it here
+        from the stage input `hidden` [B, L, D]. Default: the schedule's `budget`."""
+        return budget
+
     def stage_scores(
         self, scores: torch.Tensor, hidden: torch.Tensor, ctx: LLMContext, image_ids: torch.Tensor, budget: torch.Tensor
     ) -> torch.Tensor:
