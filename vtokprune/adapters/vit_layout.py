@@ -53,4 +53,3 @@ def has_cls_token(tower: Any) -> bool:
     """True when the tower prepends a [CLS] token to the patch tokens."""
     embeddings = getattr(unwrap(tower), "embeddings", None)
     return any(getattr(embeddings, name, None) is not None for name in ("class_embedding", "cls_token"))
-
