@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vtokprune.compat import cache_from_output, cache_kwargs
-from vtokprune.tiny import IMAGE_TOKEN_ID
+from vtokprune.testing import IMAGE_TOKEN_ID
 
 
 def _pick(logits: torch.Tensor) -> torch.Tensor:

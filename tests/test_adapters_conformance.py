@@ -16,7 +16,7 @@ import torch
 import vtokprune
 from vtokprune.compat import cache_from_output, cache_kwargs
 from vtokprune.errors import CapabilityError
-from vtokprune.tiny import (
+from vtokprune.testing import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
     internvl_inputs,

@@ -55,7 +55,7 @@ def test_prefill_tflops_llava_7b_geometry_and_monotonic():
 
 
 def test_shape_from_a_vlm_config():
-    from vtokprune.tiny import tiny_llava
+    from vtokprune.testing import tiny_llava
 
     model = tiny_llava(seed=0)
     shape = compute.DecoderShape.from_config(model.config)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtokprune
-from vtokprune.tiny import image_tokens, llava_inputs, tiny_llava
+from vtokprune.testing import image_tokens, llava_inputs, tiny_llava
 
 from .helpers import generate_new, recompute_greedy, single, stepwise_greedy
 

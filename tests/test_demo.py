@@ -31,7 +31,7 @@ from vtokprune.demo import (
     render_results,
     tiny_pixels,
 )
-from vtokprune.tiny import tiny_llava
+from vtokprune.testing import tiny_llava
 
 # ------------------------------------------------------------------------------------------------ highlighting
 

@@ -10,7 +10,7 @@ import torch
 import vtokprune
 from vtokprune.cli import main as cli_main
 from vtokprune.loading import check_model_ref, load_pretrained
-from vtokprune.tiny import llava_inputs, tiny_llava
+from vtokprune.testing import llava_inputs, tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_cli_info(capsys):
 
 
 def test_fallback_only_when_asked_and_named():
-    from vtokprune.tiny import qwen_inputs, tiny_qwen2_vl
+    from vtokprune.testing import qwen_inputs, tiny_qwen2_vl
 
     qwen = tiny_qwen2_vl(seed=0, version="2")
     with pytest.raises(vtokprune.CapabilityError, match=r"no \[CLS\]"):

@@ -20,7 +20,7 @@ import vtokprune
 from tests.test_adapters_conformance import BUILDERS, SPECS, SUPPRESS, make_inputs
 from vtokprune.compat import CACHE_ARG_NAMES, cache_from_args, cache_from_output, cache_kwargs
 from vtokprune.errors import BudgetError, PruningStateError, UnknownStrategyError
-from vtokprune.tiny import llava_inputs, tiny_llava
+from vtokprune.testing import llava_inputs, tiny_llava
 
 STEPS = 4
 

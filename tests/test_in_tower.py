@@ -9,7 +9,7 @@ import vtokprune
 from vtokprune import get_strategy
 from vtokprune.adapters.llava import LlavaAdapter
 from vtokprune.errors import BudgetError, CapabilityError
-from vtokprune.tiny import image_tokens, llava_inputs, tiny_llava
+from vtokprune.testing import image_tokens, llava_inputs, tiny_llava
 
 from .helpers import generate_new, single, stepwise_greedy
 
@@ -131,7 +131,7 @@ def test_in_tower_capability_errors(model):
 
 
 def test_in_tower_refused_on_other_families():
-    from vtokprune.tiny import tiny_internvl, tiny_qwen2_vl
+    from vtokprune.testing import tiny_internvl, tiny_qwen2_vl
 
     for build, why in ((tiny_qwen2_vl, "no \\[CLS\\]"), (tiny_internvl, "not supported")):
         m = build()
@@ -147,14 +147,14 @@ NEXT_SIZES = [[(28, 56)], [(40, 30), (28, 28)]]  # crops + unpadding; a second s
 
 @pytest.fixture(scope="module")
 def next_model():
-    from vtokprune.tiny import tiny_llava_next
+    from vtokprune.testing import tiny_llava_next
 
     return tiny_llava_next(seed=1, vision_layers=4)  # features from layer 2 (of 0..3)
 
 
 @pytest.fixture(scope="module")
 def next_inputs(next_model):
-    from vtokprune.tiny import llava_next_inputs
+    from vtokprune.testing import llava_next_inputs
 
     return llava_next_inputs(next_model, PROMPTS, NEXT_SIZES, seed=2)
 

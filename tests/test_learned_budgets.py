@@ -13,7 +13,7 @@ from vtokprune.errors import BudgetError, CapabilityError
 from vtokprune.search import Calibration, predict
 from vtokprune.search.learned import load_head
 from vtokprune.search.train_heads import train_head
-from vtokprune.tiny import llava_inputs, tiny_llava
+from vtokprune.testing import llava_inputs, tiny_llava
 
 
 @pytest.fixture(scope="module")

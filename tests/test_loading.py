@@ -10,7 +10,7 @@ import torch
 
 import vtokprune
 from vtokprune.loading import load_pretrained
-from vtokprune.tiny import (
+from vtokprune.testing import (
     internvl_inputs,
     llava_inputs,
     llava_next_inputs,

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import vtokprune
-from vtokprune.tiny import image_tokens, llava_inputs, tiny_llava
+from vtokprune.testing import image_tokens, llava_inputs, tiny_llava
 
 from .helpers import single
 

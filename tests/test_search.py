@@ -12,7 +12,7 @@ from vtokprune.errors import BudgetError, VTokPruneError
 from vtokprune.search import Calibration, fit_counts, read_schedule, search, stages
 from vtokprune.search.greedy import candidate_counts, greedy_search
 from vtokprune.search.psigmoid import sigmoid_shape
-from vtokprune.tiny import llava_inputs, tiny_llava
+from vtokprune.testing import llava_inputs, tiny_llava
 
 LAYERS, TOKENS = 4, 64
 

@@ -22,7 +22,7 @@ from vtokprune.strategies.sparsevlm import (
     recycle_pruned,
     text_query_rows,
 )
-from vtokprune.tiny import llava_inputs, tiny_llava
+from vtokprune.testing import llava_inputs, tiny_llava
 
 # ------------------------------------------------------------------------------------------------ helpers
 

@@ -165,7 +165,7 @@ def test_vispruner_duplicates_go_first():
 
 
 def test_vispruner_needs_cls_on_qwen():
-    from vtokprune.tiny import tiny_qwen2_vl
+    from vtokprune.testing import tiny_qwen2_vl
 
     with pytest.raises(CapabilityError, match="CLS"):
         vtokprune.apply(tiny_qwen2_vl(version="2"), VisPruner(keep=4))
@@ -194,7 +194,7 @@ def test_dart_keeps_image_pivots_and_tokens_least_similar_to_each_pivot():
 
 
 def test_dart_is_allowed_without_attention_rows_and_fastv_is_not():
-    from vtokprune.tiny import tiny_llava
+    from vtokprune.testing import tiny_llava
 
     model = tiny_llava(seed=0)
     cfg = vtokprune.get_adapter(model).text_config()
@@ -269,7 +269,7 @@ def test_zoo_hybrid_selection_skips_sensitive_duplicates():
 
 
 def test_zoo_strategy_end_to_end_on_llava_and_capability_error_elsewhere():
-    from vtokprune.tiny import llava_inputs, tiny_llava, tiny_qwen2_vl
+    from vtokprune.testing import llava_inputs, tiny_llava, tiny_qwen2_vl
 
     model = tiny_llava(seed=0)
     inputs = llava_inputs(model, [[8, 9, 10]], images=[1])
@@ -318,7 +318,7 @@ def _register_fake_flash() -> None:
 
 
 def test_dart_runs_with_flash_style_masks_like_sdpa():
-    from vtokprune.tiny import llava_inputs, tiny_llava
+    from vtokprune.testing import llava_inputs, tiny_llava
 
     _register_fake_flash()
     sdpa = tiny_llava(seed=0, text_layers=4)

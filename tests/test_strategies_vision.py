@@ -17,7 +17,7 @@ from vtokprune.strategies.flowcut import adaptive_prune_count, flow_scores, flow
 from vtokprune.strategies.holov import allocate, grid_crops
 from vtokprune.strategies.text_clip import text_patch_scores
 from vtokprune.strategies.visionzip import split_budget
-from vtokprune.tiny import tiny_llava
+from vtokprune.testing import tiny_llava
 
 VISION = ["cls_multilayer", "visionzip", "holov", "flowcut", "divprune", "text_clip"]
 
@@ -494,7 +494,7 @@ def model():
 
 
 def inputs_for(model, prompts, pixels=None):
-    from vtokprune.tiny import llava_inputs
+    from vtokprune.testing import llava_inputs
 
     inp = llava_inputs(model, prompts)
     if pixels is not None:

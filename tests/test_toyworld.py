@@ -221,7 +221,7 @@ def test_checkpoint_prunes_with_dinov2_cls_attention(toy):
 @pytest.mark.parametrize("strategy", ["cls", "visionzip", "cls_multilayer"])
 def test_tower_memo_replays_the_same_signals(strategy):
     """bench-toy runs the tower once per batch; strategies must see what an uncached run gives them."""
-    from vtokprune.tiny import llava_inputs, tiny_llava_dinov2
+    from vtokprune.testing import llava_inputs, tiny_llava_dinov2
     from vtokprune.toyworld.bench import tower_memo
 
     model = tiny_llava_dinov2(seed=0)

@@ -11,7 +11,7 @@ import vtokprune
 from vtokprune.errors import BudgetError
 from vtokprune.search import Calibration
 from vtokprune.strategies.vflowopt import VFlowOpt, feature_entropy, share_of_visual
-from vtokprune.tiny import llava_inputs, tiny_llava
+from vtokprune.testing import llava_inputs, tiny_llava
 
 
 def test_importance_mixes_attention_and_entropy_shares():

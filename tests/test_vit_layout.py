@@ -9,7 +9,7 @@ import torch
 
 import vtokprune
 from vtokprune.adapters.vit_layout import block_attention, has_cls_token, vision_blocks
-from vtokprune.tiny import image_tokens, llava_inputs, tiny_llava, tiny_llava_dinov2
+from vtokprune.testing import image_tokens, llava_inputs, tiny_llava, tiny_llava_dinov2
 
 KEEP = 5
 

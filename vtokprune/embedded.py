@@ -27,7 +27,7 @@ def load_default() -> tuple[Any, Any, str]:
             processor,
             f"embedded toy LLaVA ({path.name}: DINOv2-small tower, decoder trained on the toy world)",
         )
-    from .tiny import tiny_llava
+    from .testing import tiny_llava
 
     return tiny_llava(seed=0), None, "embedded tiny random LLaVA (untrained; answers are token ids)"
 
@@ -38,7 +38,7 @@ def example_inputs(
     """Inputs for `vtokprune run`: an image file or a generated scene, the question, and the known answer (if any)."""
     expected = None
     if processor is None:
-        from .tiny import llava_inputs
+        from .testing import llava_inputs
 
         return llava_inputs(model, [[5, 6, 7, 8]]), None, None
     from PIL import Image
