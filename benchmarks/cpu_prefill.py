@@ -76,7 +76,14 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 # Strategies with their extra arguments; text_clip needs a CLIP checkpoint and is left out.
-SKIP = {"none", "text_clip", "cdpruner_clip"}  # the CLIP variants need a CLIP checkpoint (clip=)
+SKIP = {
+    "none",
+    "text_clip",
+    "cdpruner_clip",
+    "scheduled",
+    "dyvte",
+    "atp",
+}  # need a CLIP checkpoint, a schedule file or a trained head
 IN_TOWER = ("cls", "cls_multilayer", "visionzip", "holov", "flowcut")
 
 

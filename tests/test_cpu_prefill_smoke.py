@@ -11,7 +11,14 @@ def test_cpu_prefill_smoke(tmp_path):
     data = _run("cpu_prefill.py", tmp_path)
     rows = {r["row"]: r for r in data["results"]}
     assert {"none", "ideal", "ideal@L0", "cls@L0", "visionzip@L0", "flowcut@L0"} <= set(rows)
-    expected = set(vtokprune.available_strategies()) - {"none", "text_clip", "cdpruner_clip"}  # cpu_prefill.SKIP
+    expected = set(vtokprune.available_strategies()) - {
+        "none",
+        "text_clip",
+        "cdpruner_clip",
+        "scheduled",
+        "dyvte",
+        "atp",
+    }  # cpu_prefill.SKIP
     assert expected <= set(rows)
     assert not [r for r in rows.values() if "error" in r]
     assert all(r["ms"] > 0 for r in rows.values())
