@@ -238,6 +238,6 @@ def test_sweep_rejects_unknown_strategy(tmp_path):
 
 
 def test_sweep_command_is_registered():
-    from vtokprune.cli_extra import COMMANDS
+    from vtokprune.cli_commands import COMMANDS
 
     assert COMMANDS["sweep"][:2] == ("vtokprune.sweep", "main")
