@@ -149,7 +149,9 @@ def test_sweep_without_a_successful_pruned_cell_exits_nonzero(tmp_path, capsys):
 def test_sweep_argument_errors_exit_nonzero_before_loading(tmp_path, capsys, monkeypatch, argv, message):
     from vtokprune import cli
 
-    monkeypatch.setattr(sweep, "BACKENDS", {**sweep.BACKENDS, "inprocess": lambda *a: pytest.fail("model loaded")})
+    monkeypatch.setattr(
+        sweep.engine, "BACKENDS", {**sweep.BACKENDS, "inprocess": lambda *a: pytest.fail("model loaded")}
+    )
     assert cli.main(["sweep", *argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
@@ -236,6 +238,6 @@ def test_sweep_rejects_unknown_strategy(tmp_path):
 
 
 def test_sweep_command_is_registered():
-    from vtokprune.cli_extra import COMMANDS
+    from vtokprune.cli_commands import COMMANDS
 
     assert COMMANDS["sweep"][:2] == ("vtokprune.sweep", "main")

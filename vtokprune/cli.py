@@ -300,13 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: Any) -> None:
     """Commands whose code lives in optional modules; registered only when those modules exist."""
-    from .cli_extra import register
+    from .cli_commands import register
 
     register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli_extra import COMMANDS, run_command
+    from .cli_commands import COMMANDS, run_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

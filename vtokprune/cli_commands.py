@@ -1,4 +1,5 @@
-"""CLI commands that belong to optional parts of the project (toy world, sweeps, demo). Each parses its own argv."""
+"""The `vtokprune` subcommands whose code lives in other modules (toy world, sweeps, search, demo): name -> (module,
+function, help). Each parses its own argv; the module is imported only when its command runs."""
 
 from __future__ import annotations
 

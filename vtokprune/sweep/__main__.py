@@ -1,0 +1,7 @@
+"""`python -m vtokprune.sweep ...`, the same as `vtokprune sweep ...`."""
+
+import sys
+
+from .command import main
+
+sys.exit(main())
