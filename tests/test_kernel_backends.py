@@ -25,7 +25,7 @@ from .test_adapters_conformance import BUILDERS, GRID_ONLY, SPECS, make_inputs
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 # Strategies whose scores also weigh the kept features (merging): their logits may differ by float rounding.
-WEIGHTED = {"sparsevlm"}
+WEIGHTED = {"sparsevlm", "vflowopt"}  # vflowopt recycles pruned tokens into kept ones, weighted by score
 FULL = os.environ.get("VTOKPRUNE_KERNEL_BACKEND", "").strip().lower() == "triton"
 SAMPLED = {"cls", "fastv", "sparsevlm"}  # on the families other than LLaVA, unless FULL
 
