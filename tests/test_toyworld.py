@@ -137,7 +137,8 @@ def test_validity_checks_logic():
 
 
 def test_train_smoke(tmp_path):
-    from vtokprune.toyworld.train import TrainConfig, cache_main, train
+    from vtokprune.toyworld.features import cache_main
+    from vtokprune.toyworld.train import TrainConfig, train
 
     cache = tmp_path / "cache"
     cache_main(str(cache), train_scenes=4, val_scenes=3, shard=2, log=lambda s: None)

@@ -14,7 +14,9 @@ def train_main(argv: list[str] | None = None) -> int:
     """Cache frozen DINOv2 features, train the projector + language model, and save the checkpoint to --out."""
     import torch
 
-    from .train import TrainConfig, cache_main, finalize, train
+    from .checkpoint import finalize
+    from .features import cache_main
+    from .train import TrainConfig, train
 
     parser = argparse.ArgumentParser(prog="vtokprune train-toy", description=train_main.__doc__)
     for f in dataclasses.fields(TrainConfig):

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import BOS_ID, EOS_ID, PAD_ID, build_model, build_processor, build_tokenizer
-from .scenes import NUM_PATCHES, Sample, make_questions, make_scene, object_cover, render, train_seed, validation
+from .features import load_shards
+from .model import BOS_ID, EOS_ID, PAD_ID, build_model, build_tokenizer
+from .scenes import NUM_PATCHES, Sample, make_questions, make_scene, object_cover, validation
 
 PREFIX = ("USER", ":")
 SUFFIX = ("ASSISTANT", ":")
@@ -69,55 +70,6 @@ class TrainConfig:
     val_samples: int = 300
     log_every: int = 100
     wait_minutes: float = 0.0  # while the cacher still writes shards, reload them this often (0: load once)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Feature cache
-
-
-@torch.no_grad()
-def cache_features(seeds: list[int], out: Path, batch: int = 16) -> None:
-    """Frozen DINOv2 patch features (the projector's input: layer -1, [CLS] dropped) for `seeds`, fp16, to `out`."""
-    from .dinov2_convert import convert
-    from .model import VISION_FEATURE_LAYER
-
-    tower = convert()
-    processor = build_processor()
-    feats = []
-    for i in range(0, len(seeds), batch):
-        images = [render(make_scene(s)) for s in seeds[i : i + batch]]
-        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[VISION_FEATURE_LAYER]
-        feats.append(hidden[:, 1:].half())
-    tmp = out.with_suffix(".tmp")
-    torch.save({"seeds": torch.tensor(seeds), "features": torch.cat(feats)}, tmp)
-    tmp.rename(out)
-
-
-def cache_main(directory: str, train_scenes: int, val_scenes: int, shard: int = 250, log: Callable = print) -> None:
-    """Write val.pt then train-00000.pt, ... (shards of `shard` scenes) into `directory`; skips existing shards."""
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    if not (root / "val.pt").exists():
-        cache_features(sorted({s.scene.seed for s in validation(val_scenes)}), root / "val.pt")
-        log(f"val cached, {time.time() - start:.0f}s")
-    for k in range(0, train_scenes, shard):
-        path = root / f"train-{k // shard:05d}.pt"
-        if not path.exists():
-            cache_features([train_seed(i) for i in range(k, min(k + shard, train_scenes))], path)
-            log(f"{path.name} cached, {time.time() - start:.0f}s")
-
-
-def load_shards(root: Path) -> tuple[list[int], torch.Tensor]:
-    seeds, feats = [], []
-    for path in sorted(root.glob("train-*.pt")):
-        data = torch.load(path)
-        seeds += data["seeds"].tolist()
-        feats.append(data["features"])
-    if not feats:
-        raise FileNotFoundError(f"no train-*.pt shards in {root}: run `vtokprune train-toy --cache-only` first")
-    return seeds, torch.cat(feats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -469,46 +421,3 @@ def _evaluate(
         torch.save({"step": step, "val": acc, "state": state}, out / "best.pt")
         best = score
     return best
-
-
-def finalize(out: str | Path, checkpoint: str | Path, summary: dict[str, Any] | None = None) -> None:
-    """Assemble the shippable checkpoint: the converted DINOv2 tower + the best trained state, fp16 safetensors."""
-    from .dinov2_convert import convert
-
-    cfg = (summary or {}).get("config", {})
-    model = build_model(cfg.get("text_width", 256), cfg.get("text_layers", 4), cfg.get("heads", 4), vision=convert())
-    state = torch.load(checkpoint)["state"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("vision_tower" in m for m in missing), (missing, unexpected)
-    save(model, build_processor(), out, summary or {})
-
-
-def save(model: Any, processor: Any, out: str | Path, summary: dict[str, Any]) -> None:
-    """fp16 safetensors + config + processor files: a directory `from_pretrained` loads offline.
-
-    Two shards: the vision tower (the converted DINOv2, identical across retrainings, so git stores it once) and the
-    trained projector + language model."""
-    from safetensors.torch import load_file, save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.half().save_pretrained(str(out), safe_serialization=True, max_shard_size="10GB")
-    model.float()
-    processor.save_pretrained(str(out))
-    single = out / "model.safetensors"
-    state = load_file(str(single))
-    names = {"tower": "model-00001-of-00002.safetensors", "rest": "model-00002-of-00002.safetensors"}
-    shards: dict[str, dict[str, torch.Tensor]] = {"tower": {}, "rest": {}}
-    for key, value in state.items():
-        shards["tower" if "vision_tower." in key else "rest"][key] = value.contiguous()
-    weight_map = {}
-    for part, tensors in shards.items():
-        save_file(dict(sorted(tensors.items())), str(out / names[part]), metadata={"format": "pt"})
-        weight_map.update({key: names[part] for key in tensors})
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
-    single.unlink()
-    if summary:
-        (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
