@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vtokprune import tiny
+from vtokprune import testing as tiny
 
 PROMPT_VOCAB = (10, 90)  # text ids that are no special token in any of our configs
 

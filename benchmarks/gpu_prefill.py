@@ -51,7 +51,7 @@ from bench_utils import (  # noqa: E402  # noqa: E402
 )
 
 import vtokprune  # noqa: E402
-from vtokprune import tiny  # noqa: E402
+from vtokprune import testing as tiny  # noqa: E402
 from vtokprune.errors import VTokPruneError  # noqa: E402
 from vtokprune.kernels import score_and_gather, triton_available  # noqa: E402
 

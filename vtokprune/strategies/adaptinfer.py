@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch
 
-from ..registry import register_strategy
 from .base import LLMContext, LLMStrategy
 from .pdrop import geometric_counts, place_stages, validate_layers, validate_reference
+from .registry import register_strategy
 from .sparsevlm import text_query_rows
 
 

@@ -9,9 +9,9 @@ from typing import ClassVar
 import torch
 
 from ..errors import BudgetError, CapabilityError
-from ..registry import register_strategy
 from .base import LLMContext, LLMStrategy, Strategy
 from .fastv import last_token_attention_scores
+from .registry import register_strategy
 
 
 @register_strategy

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CapabilityError
-from ..registry import register_strategy
 from ..selection import gather_tokens
 from .base import VisionSelection, VisionSignals, VisionStrategy
+from .registry import register_strategy
 
 
 @register_strategy

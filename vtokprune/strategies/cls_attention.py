@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch
 
-from ..registry import register_strategy
 from ..selection import gather_tokens, topk_indices
 from .base import VisionSelection, VisionSignals, VisionStrategy
+from .registry import register_strategy
 
 
 def cls_attention_scores(cls_attn: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BudgetError
-from ..registry import register_strategy
 from .base import LLMContext, LLMStrategy
+from .registry import register_strategy
 
 
 def pivot_quotas(slots: int, pivots: int) -> list[int]:

@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..registry import register_strategy
 from ..selection import gather_tokens
 from .base import VisionSelection, VisionSignals, VisionStrategy
+from .registry import register_strategy
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:

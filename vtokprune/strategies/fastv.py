@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import BudgetError
-from ..registry import register_strategy
 from .base import LLMContext, LLMStrategy
+from .registry import register_strategy
 
 
 def last_token_attention_scores(probs: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ from typing import ClassVar
 import torch
 
 from ..errors import BudgetError
-from ..registry import register_strategy
 from ..selection import gather_tokens, topk_indices
 from .base import VisionSelection, VisionSignals, VisionStrategy
+from .registry import register_strategy
 
 
 def flow_scores(cls_attn: torch.Tensor, values: torch.Tensor, cls_value: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ from typing import ClassVar
 import torch
 
 from ..errors import BudgetError
-from ..registry import register_strategy
 from ..selection import gather_tokens, topk_indices
 from .base import VisionSelection, VisionSignals, VisionStrategy
 from .cls_attention import cls_attention_scores
+from .registry import register_strategy
 
 
 def grid_crops(grid: tuple[int, int], crops: tuple[int, int]) -> list[torch.Tensor]:

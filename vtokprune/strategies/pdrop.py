@@ -11,9 +11,9 @@ from typing import Any, ClassVar, cast
 import torch
 
 from ..errors import BudgetError
-from ..registry import register_strategy
 from .base import LLMContext, LLMStrategy
 from .fastv import last_token_attention_scores
+from .registry import register_strategy
 
 # ---------------------------------------------------------------------------------------------- schedule helpers
 

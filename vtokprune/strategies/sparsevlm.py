@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BudgetError
-from ..registry import register_strategy
 from .base import LLMContext, LLMStrategy
 from .pdrop import geometric_counts, place_stages, validate_layers, validate_reference
+from .registry import register_strategy
 
 
 def text_query_rows(ctx: LLMContext) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BudgetError, CapabilityError
-from ..registry import register_strategy
 from ..selection import gather_tokens, topk_indices
 from .base import VisionSelection, VisionSignals, VisionStrategy
+from .registry import register_strategy
 
 
 def text_patch_scores(text_emb: torch.Tensor, patch_emb: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ from typing import ClassVar
 import torch
 
 from ..errors import BudgetError
-from ..registry import register_strategy
 from .base import LLMContext, LLMStrategy
 from .fastv import last_token_attention_scores
 from .pdrop import geometric_counts, place_stages, validate_layers, validate_reference
+from .registry import register_strategy
 from .sparsevlm import recycle_pruned
 
 

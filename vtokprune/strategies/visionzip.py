@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BudgetError
-from ..registry import register_strategy
 from ..selection import topk_indices
 from .base import VisionSelection, VisionSignals, VisionStrategy
 from .cls_attention import cls_attention_scores
+from .registry import register_strategy
 
 
 def split_budget(k: int, contextual_ratio: float) -> tuple[int, int]:

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BudgetError
-from ..registry import register_strategy
 from ..selection import gather_tokens
 from .base import VisionSelection, VisionSignals, VisionStrategy
 from .cls_attention import cls_attention_scores
+from .registry import register_strategy
 
 
 def remove_duplicates(metric: torch.Tensor, residual: torch.Tensor, keep: int, step: int) -> torch.Tensor:
