@@ -109,6 +109,15 @@ def _padded_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, order, torch.zeros_like(order)), valid
 
 
+def kept_mask(keep_idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool, True at the kept columns `keep_idx` ([B, K], -1 = padding), shaped like the mask `like`."""
+    keep = torch.zeros_like(like)
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep_idx)
+    ok = keep_idx >= 0
+    keep[rows[ok], keep_idx[ok]] = True
+    return keep
+
+
 def recycle_pruned(
     hidden: torch.Tensor,
     kept: torch.Tensor,
@@ -225,10 +234,7 @@ class SparseVLM(LLMStrategy):
     ) -> torch.Tensor | None:
         if not self.recycle:
             return None
-        keep = torch.zeros_like(ctx.image_mask)
-        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep_idx)
-        ok = keep_idx >= 0
-        keep[rows[ok], keep_idx[ok]] = True
+        keep = kept_mask(keep_idx, ctx.image_mask)
         kept = keep & ctx.image_mask
         pruned = ctx.image_mask & ~keep
         if not bool(pruned.any()):

@@ -12,7 +12,7 @@ from .base import LLMContext, LLMStrategy
 from .fastv import last_token_attention_scores
 from .pdrop import geometric_counts, place_stages, validate_layers, validate_reference
 from .registry import register_strategy
-from .sparsevlm import recycle_pruned
+from .sparsevlm import kept_mask, recycle_pruned
 
 
 def feature_entropy(hidden: torch.Tensor) -> torch.Tensor:
@@ -96,10 +96,7 @@ class VFlowOpt(LLMStrategy):
     ) -> torch.Tensor | None:
         if not self.recycle:
             return None
-        keep = torch.zeros_like(ctx.image_mask)
-        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep_idx)
-        ok = keep_idx >= 0
-        keep[rows[ok], keep_idx[ok]] = True
+        keep = kept_mask(keep_idx, ctx.image_mask)
         pruned = ctx.image_mask & ~keep
         if not bool(pruned.any()):
             return None
