@@ -161,6 +161,20 @@ def llava_inputs(model: Any, batch: int, text_tokens: int) -> dict[str, torch.Te
     return tiny.llava_inputs(model, prompts(batch, text_tokens), images=1)
 
 
+def median_ci(samples: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Median and a bootstrap percentile interval of it ({"median", "lo", "hi", "n"}); lo = hi = median when n = 1."""
+    import random
+
+    n = len(samples)
+    med = statistics.median(samples)
+    if n < 2:
+        return {"median": med, "lo": med, "hi": med, "n": n}
+    rng = random.Random(seed)
+    boots = sorted(statistics.median(rng.choices(samples, k=n)) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return {"median": med, "lo": boots[int(tail * resamples)], "hi": boots[int((1 - tail) * resamples) - 1], "n": n}
+
+
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if not path:
         return

@@ -1,13 +1,14 @@
 """CPU prefill latency of every strategy against its compute-equivalent ideal, post-tower and inside the vision tower.
 
-    python benchmarks/cpu_prefill.py --threads 2 --rounds 3 --json benchmarks/results/cpu_prefill.json
+    python benchmarks/cpu_prefill.py --threads 2 --rounds 5 --json benchmarks/results/cpu_prefill.json
     python benchmarks/cpu_prefill.py --smoke                  # tiny model, seconds (a test)
 
 Model (random fp32 weights, built from a config, SDPA): the mid-size LLaVA geometry of issue 15, a CLIP ViT-B/14 at
 336 px (576 patches, 12 layers, width 768, features from layer -2) and a 24-layer Llama of width 896 with 14 query
 and 2 KV heads; one image and 48 text tokens per prompt; batch 1 and 8. Time: one prefill (model forward with a
-cache, logits of the last token), median over interleaved rounds (every configuration once per round, so load
-changes on a shared machine hit all of them alike).
+cache, logits of the last token), after one untimed prefill of the same configuration; median over interleaved
+rounds (every configuration once per round, so load changes on a shared machine hit all of them alike), with a
+bootstrap 95% interval of the median.
 
 Rows:
 
@@ -15,10 +16,13 @@ Rows:
   scoring: a selection that costs nothing), the compute-equivalent ideal of every post-tower strategy;
 * ``ideal@L<l>``: the same in-tower (the first K patches kept after vision layer l), ideal of the in-tower rows;
 * ``ideal/<s>``: for an in-LLM strategy, the first K image tokens kept at the strategy's own stage layers;
-* ``<s>``: every registered strategy at K; ``<s>@L<l>``: in-tower variants (``in_tower_layer=l``).
+* ``<s>``: every registered strategy at K (but SKIP); ``<s>@L<l>``: in-tower variants (``in_tower_layer=l``).
 
-Columns: ms (median), x_unpruned (unpruned / row), share_of_ideal (its ideal's ms / its ms: 100% = selection is free),
-overhead_ms / overhead_% (the strategy at keep = all tokens minus the unpruned prefill, as a share of the unpruned).
+Columns: ms (median), x_unpruned (unpruned / row), share_of_ideal (its ideal's ms / its ms, paired by round: 100% =
+selection is free; what a strategy's own scoring costs, e.g. ZOO-Prune's projector perturbations, shows here),
+overhead (the strategy at keep = all tokens minus the unpruned prefill, each keep-all run paired with an unpruned run
+beside it, order alternating by round; as a share of the unpruned prefill). Strategies that skip scoring when asked
+to keep everything (cdpruner, divprune, zoo, ...) show only the hook and compaction cost in the overhead column.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's vtokprune
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import llava_inputs, llava_model, machine, table, write_json  # noqa: E402
+from bench_utils import llava_inputs, llava_model, machine, median_ci, table, write_json  # noqa: E402
 
 import vtokprune  # noqa: E402
 from vtokprune.errors import VTokPruneError  # noqa: E402
@@ -60,7 +64,7 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
             num_key_value_heads=2, vocab_size=32064, max_position_embeddings=4096,
         ),
         "keep": 64,
-        "in_tower_layers": (2, 5),
+        "in_tower_layers": (2, 3, 6),
     },
     "smoke": {
         "vision": dict(
@@ -75,15 +79,15 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
         "in_tower_layers": (0,),
     },
 }  # fmt: skip
-# Strategies with their extra arguments; text_clip needs a CLIP checkpoint and is left out.
+# Left out, with the reason (each needs something a random-weight model cannot have).
 SKIP = {
-    "none",
-    "text_clip",
-    "cdpruner_clip",
-    "scheduled",
-    "dyvte",
-    "atp",
-}  # need a CLIP checkpoint, a schedule file or a trained head
+    "none": "the unpruned row",
+    "text_clip": "needs a CLIP checkpoint",
+    "cdpruner_clip": "needs a CLIP checkpoint",
+    "scheduled": "needs a schedule file",
+    "dyvte": "needs a trained head",
+    "atp": "needs a trained head",
+}
 IN_TOWER = ("cls", "cls_multilayer", "visionzip", "holov", "flowcut")
 
 
@@ -168,11 +172,14 @@ def prefill_fn(model: Any, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]
     return run
 
 
-def time_config(model: Any, inputs: dict[str, torch.Tensor], cfg: Config) -> float:
+def time_config(model: Any, inputs: dict[str, torch.Tensor], cfg: Config, warmup: bool) -> float:
+    """One timed prefill with `cfg` applied (after one untimed prefill when `warmup`: first-call costs)."""
     if cfg.strategy is not None:
         vtokprune.apply(model, cfg.strategy)
     try:
         run = prefill_fn(model, inputs)
+        if warmup:
+            run()
         t0 = time.perf_counter()
         run()
         return (time.perf_counter() - t0) * 1e3
@@ -185,41 +192,72 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, geometry: dict[s
     inputs = llava_inputs(model, batch, args.text_tokens)
     available = (geometry["vision"]["image_size"] // geometry["vision"]["patch_size"]) ** 2
     todo = configs(geometry["keep"], available, geometry["in_tower_layers"], batch in args.overhead_batches)
-    prefill_fn(model, inputs)()  # warm-up: first-call allocations
-    samples: dict[str, list[float]] = {c.label: [] for c in todo}
+    rows_cfg = [c for c in todo if c.overhead_of is None]
+    keep_alls = [c for c in todo if c.overhead_of is not None]
+    none = rows_cfg[0]
+    samples: dict[str, list[float]] = {c.label: [] for c in rows_cfg}
+    overhead: dict[str, list[float]] = {c.label: [] for c in keep_alls}
     errors: dict[str, str] = {}
+    warmed: set[str] = set()
+
+    def timed(c: Config) -> float | None:
+        if c.label in errors:
+            return None
+        try:
+            ms = time_config(model, inputs, c, warmup=c.label not in warmed)
+        except VTokPruneError as e:
+            errors[c.label] = f"{type(e).__name__}: {e}"
+            return None
+        warmed.add(c.label)
+        return ms
+
     for r in range(args.rounds):
-        for c in todo:
-            if c.label in errors:
-                continue
-            try:
-                samples[c.label].append(time_config(model, inputs, c))
-            except VTokPruneError as e:
-                errors[c.label] = f"{type(e).__name__}: {e}"
+        for c in rows_cfg:
+            ms = timed(c)
+            if ms is not None:
+                samples[c.label].append(ms)
+        for c in keep_alls:  # paired with an unpruned run next to it, the order alternating between rounds
+            pair = (none, c) if r % 2 == 0 else (c, none)
+            times = {x.label: timed(x) for x in pair}
+            if None not in times.values():
+                overhead[c.label].append(times[c.label] - times["none"])  # type: ignore[operator]
         done = {k: round(statistics.median(v)) for k, v in samples.items() if v}
         print(f"[batch {batch}] round {r + 1}/{args.rounds}: none {done.get('none')} ms, load {os.getloadavg()[0]:.1f}")
-    med = {k: statistics.median(v) for k, v in samples.items() if v}
     rows = []
-    for c in todo:
-        if c.overhead_of is not None:
-            continue
+    for c in rows_cfg:
         row: dict[str, Any] = {"batch": batch, "row": c.label, "keep": available if c.label == "none" else None}
         if c.label in errors:
             rows.append({**row, "error": errors[c.label]})
             continue
         if row["keep"] is None:
             row["keep"] = geometry["keep"]
-        ms = med[c.label]
-        row.update(ms=ms, min_ms=min(samples[c.label]), max_ms=max(samples[c.label]), x_unpruned=med["none"] / ms)
-        if c.ideal is not None and c.ideal in med:
-            row["ideal"] = c.ideal
-            row["share_of_ideal_%"] = 100 * med[c.ideal] / ms
-        keep_all = next((o for o in todo if o.overhead_of == c.label), None)
-        if keep_all is not None and keep_all.label in med:
-            row["overhead_ms"] = med[keep_all.label] - med["none"]
-            row["overhead_%"] = 100 * row["overhead_ms"] / med["none"]
+        ms = median_ci(samples[c.label])
+        row.update(ms=ms["median"], ms_ci=[ms["lo"], ms["hi"]], rounds=ms["n"])
+        row["x_unpruned"] = statistics.median(samples["none"]) / ms["median"]
+        if c.ideal is not None and samples.get(c.ideal):
+            share = median_ci([100 * i / s for i, s in zip(samples[c.ideal], samples[c.label])])  # paired by round
+            row.update(ideal=c.ideal, **{"share_of_ideal_%": share["median"], "share_ci": [share["lo"], share["hi"]]})
+        keep_all = next((o for o in keep_alls if o.overhead_of == c.label), None)
+        if keep_all is not None and overhead[keep_all.label]:
+            ovh = median_ci(overhead[keep_all.label])
+            unpruned = statistics.median(samples["none"])
+            row.update(overhead_ms=ovh["median"], overhead_ms_ci=[ovh["lo"], ovh["hi"]])
+            row["overhead_%"] = 100 * ovh["median"] / unpruned
+            row["overhead_%_ci"] = [100 * ovh["lo"] / unpruned, 100 * ovh["hi"] / unpruned]
         rows.append(row)
     return rows
+
+
+def display(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with the intervals written beside their values, for the printed table."""
+    out = []
+    for r in rows:
+        d = dict(r)
+        for key, ci in (("share_of_ideal_%", "share_ci"), ("overhead_%", "overhead_%_ci")):
+            if key in r:
+                d[key] = f"{r[key]:.1f} [{r[ci][0]:.1f}, {r[ci][1]:.1f}]"
+        out.append(d)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -235,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     geometry = GEOMETRIES["smoke" if args.smoke else "mid"]
     args.batch = args.batch or ([2] if args.smoke else [1, 8])
-    args.rounds = args.rounds or (1 if args.smoke else 3)
+    args.rounds = args.rounds or (1 if args.smoke else 5)
     args.overhead_batches = args.batch if args.overhead_batches is None else args.overhead_batches
     device = torch.device("cpu")
     load_before = os.getloadavg()
@@ -250,11 +288,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env["minutes"] = round((time.time() - start) / 60, 1)
     print(f"CPU prefill, {env['cpu']}, {args.threads} threads, median of {args.rounds} interleaved rounds, "
           f"load average before/after {load_before[0]:.1f}/{env['loadavg'][0]:.1f}")  # fmt: skip
-    print(table(rows, cols))
+    print(table(display(rows), cols))
     for r in rows:
         if "error" in r:
             print(f"  {r['row']} (batch {r['batch']}): {r['error']}")
-    payload = {"env": env, "smoke": args.smoke, "geometry": geometry, "config": vars(args), "results": rows}
+    payload = {
+        "env": env, "smoke": args.smoke, "geometry": geometry, "config": vars(args), "skipped": SKIP, "results": rows,
+    }  # fmt: skip
     write_json(args.json, payload)
     return payload
 

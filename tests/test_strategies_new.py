@@ -336,3 +336,21 @@ def test_dart_runs_with_flash_style_masks_like_sdpa():
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(outs[0][0][:, -1][valid[:, -1]], outs[1][0][:, -1][valid[:, -1]], atol=1e-4, rtol=1e-4)
     assert torch.equal(outs[0][2], outs[1][2])
+
+
+def test_zoo_llava_projector_shortcut_equals_the_black_box_estimate():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=24),
+        text_config=LlamaConfig(hidden_size=40, num_attention_heads=4, num_key_value_heads=4),
+        image_token_id=3,
+    )
+    torch.manual_seed(0)
+    projector = LlavaMultiModalProjector(config).eval()
+    x = torch.randn(2, 11, 24)
+    fast = zeroth_order_sensitivity(projector, x, 8, 1e-2, seed=3)
+    black_box = zeroth_order_sensitivity(lambda v: projector(v), x, 8, 1e-2, seed=3)
+    torch.testing.assert_close(fast, black_box, rtol=2e-3, atol=1e-5)
+    assert torch.equal(fast.argsort(dim=-1), black_box.argsort(dim=-1))

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import BudgetError, CapabilityError
 from ..selection import gather_tokens
@@ -23,16 +24,51 @@ def zeroth_order_sensitivity(
     s_i = (1/S) sum_s ||P(h_i + eps u_s) - P(h_i - eps u_s)|| / (2 eps ||u_s||), u_s ~ N(0, I) drawn from a
     generator seeded with `seed` (on the CPU, so results do not depend on the device), the same directions for
     every token. The projector acts on each token alone, so all tokens are perturbed in one batched call.
+    LLaVA's Linear -> activation -> Linear projector takes a shortcut with the same value up to float rounding
+    (:func:`_mlp_sensitivity`); any other projector is called as a black box.
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    directions = []
+    for _ in range(perturbations):
+        u = torch.randn(inputs.shape[-1], generator=gen).to(inputs.device)
+        directions.append(u / u.norm().clamp(min=1e-12))
+    mlp = _llava_mlp(projector)
+    if mlp is not None:
+        return _mlp_sensitivity(*mlp, inputs, directions, epsilon)
     x = inputs.float()
     total = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
-    for _ in range(perturbations):
-        u = torch.randn(x.shape[-1], generator=gen).to(x.device)
-        u = u / u.norm().clamp(min=1e-12)
+    for u in directions:
         delta = projector((x + epsilon * u).to(inputs.dtype)) - projector((x - epsilon * u).to(inputs.dtype))
         total += delta.float().norm(dim=-1) / (2.0 * epsilon)
     return total / perturbations
+
+
+def _llava_mlp(projector: Any) -> tuple[nn.Linear, Any, nn.Linear] | None:
+    """(linear_1, act, linear_2) of an unmodified LlavaMultiModalProjector, else None (a subclass may differ)."""
+    try:
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+    except ImportError:  # pragma: no cover - transformers without LLaVA
+        return None
+    if type(projector) is not LlavaMultiModalProjector:
+        return None
+    return projector.linear_1, projector.act, projector.linear_2
+
+
+def _mlp_sensitivity(
+    linear_1: nn.Linear, act: Any, linear_2: nn.Linear, inputs: torch.Tensor, directions: list[torch.Tensor], eps: float
+) -> torch.Tensor:
+    """The same estimate for P(x) = W2 act(W1 x + b1) + b2, by linearity: W1 (x +- eps u) = W1 x +- eps W1 u and
+    P(a) - P(b) = W2 (act(a') - act(b')), so one W1 matmul in all and one W2 matmul per direction instead of four
+    (16 projector calls at the default 8 directions cost ~3x what this does). Computed in float32."""
+    w1, w2 = linear_1.weight.float(), linear_2.weight.float()
+    b1 = None if linear_1.bias is None else linear_1.bias.float()
+    h = F.linear(inputs.float(), w1, b1)
+    total = torch.zeros(h.shape[:2], dtype=torch.float32, device=h.device)
+    for u in directions:
+        v = eps * (w1 @ u.float())
+        delta = F.linear(act(h + v) - act(h - v), w2)
+        total += delta.norm(dim=-1) / (2.0 * eps)
+    return total / len(directions)
 
 
 def sensitivity_diversity_select(sensitivity: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tensor:
