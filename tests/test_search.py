@@ -180,7 +180,7 @@ def test_cli_search_errors_are_one_line(capsys):
     from vtokprune.cli import main
 
     assert main(["search", "--calibration", "gqa"]) == 2
-    assert "not implemented" in capsys.readouterr().err
+    assert "use toy (the toy world's training split) or lmms:TASK" in capsys.readouterr().err
 
 
 def test_keep_for_average_matches_fixed_strategies_to_a_target():

@@ -169,6 +169,10 @@ class Engine:
         images = " ".join([self.image_token] * n_images)
         return f"USER: {images}\n{text} ASSISTANT:" if n_images else f"USER: {text} ASSISTANT:"
 
+    def inputs(self, texts: list[str], images: list[list[Any]]) -> dict[str, Any]:
+        """One left-padded batch of model inputs, as `generate` builds it: each text chat-formatted with its images."""
+        return self._encode([self.prompt(t, len(ims)) for t, ims in zip(texts, images)], images)
+
     def _encode(self, texts: list[str], images: list[list[Any]]) -> dict[str, Any]:
         flat = [im for ims in images for im in ims]
         if flat:
@@ -246,8 +250,7 @@ class Engine:
         kwargs = dict(gen_kwargs or {})
         until = kwargs.pop("until", None)
         until = [until] if isinstance(until, str) else list(until or [])
-        prompts = [self.prompt(t, len(ims)) for t, ims in zip(texts, images)]
-        inputs = self._encode(prompts, images)
+        inputs = self.inputs(texts, images)
         self._last_ids, self._last_n_images = inputs["input_ids"], sum(len(i) for i in images)
         self._last_images_per_row = [len(i) for i in images]
         self._last_mask = inputs.get("attention_mask")
@@ -308,6 +311,24 @@ class Engine:
             greedy = bool((pred.argmax(-1) == target).all())
             results.append((logprob, greedy))
         return results
+
+
+def images_of(visuals: Any) -> list[Any]:
+    """A document's visuals (doc_to_visual's list, nested lists flattened) as RGB PIL images; anything else (video,
+    audio) raises NotImplementedError."""
+    flat: list[Any] = []
+    for v in visuals or []:
+        if isinstance(v, (list, tuple)):
+            flat.extend(v)
+        else:
+            flat.append(v)
+    for v in flat:
+        if not hasattr(v, "convert"):
+            raise NotImplementedError(
+                f"vtokprune's lmms-eval model takes images (PIL), not {type(v).__name__}; video and audio "
+                "tasks are not supported"
+            )
+    return [v.convert("RGB") for v in flat]
 
 
 def _cut(text: str, until: list[str]) -> str:

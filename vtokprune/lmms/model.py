@@ -43,7 +43,7 @@ from lmms_eval.api.model import lmms
 
 from ..budget import validate_budget
 from ..errors import BudgetError, VTokPruneError
-from .engine import Engine, load_model
+from .engine import Engine, images_of, load_model
 
 _NO_STRATEGY = ("none", "full", "")
 
@@ -253,22 +253,7 @@ class VTokPruneLMM(lmms):
         return self.task_dict[task][split][doc_id]
 
     def _visuals(self, doc_to_visual: Any, doc: Any) -> list[Any]:
-        if doc_to_visual is None:
-            return []
-        visuals = doc_to_visual(doc) or []
-        flat: list[Any] = []
-        for v in visuals:
-            if isinstance(v, (list, tuple)):
-                flat.extend(v)
-            else:
-                flat.append(v)
-        for v in flat:
-            if not hasattr(v, "convert"):
-                raise NotImplementedError(
-                    f"vtokprune's lmms-eval model takes images (PIL), not {type(v).__name__}; video and audio "
-                    "tasks are not supported"
-                )
-        return [v.convert("RGB") for v in flat]
+        return [] if doc_to_visual is None else images_of(doc_to_visual(doc))
 
     def _progress(self, total: int, desc: str) -> Any:
         try:

@@ -3,6 +3,7 @@ that the `scheduled` strategy applies (`vtokprune.apply(model, "scheduled", file
 
 from .api import METHODS, SearchResult, search
 from .calibration import Calibration, predict, score, toy_calibration
+from .lmms_tasks import lmms_calibration
 from .schedule_file import fit_counts, read_schedule, stages, write_schedule
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "Calibration",
     "SearchResult",
     "fit_counts",
+    "lmms_calibration",
     "predict",
     "read_schedule",
     "score",

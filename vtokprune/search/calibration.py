@@ -9,7 +9,8 @@ The interface is deliberately small, so it works with whichever benchmark model 
 * :func:`score`: agreement with the unpruned model's answers (no labels needed) and accuracy (when labels exist).
 
 :func:`toy_calibration` builds one from the toy world's TRAINING split (scene seeds below the held-out base), never
-from the held-out questions the benchmark reports.
+from the held-out questions the benchmark reports; :func:`vtokprune.search.lmms_tasks.lmms_calibration` builds
+one from an lmms-eval task's training or validation split, never from the split lmms-eval evaluates.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def score(predictions: list[int], reference: list[int], labels: list[int] | None
     if labels is not None:
         out["accuracy"] = sum(p == y for p, y in zip(predictions, labels)) / n
     return out
+
+
+def first_token_id(tokenizer: Any, answer: str) -> int | None:
+    """The first token of `answer` (no special tokens): what a right greedy answer starts with; None if empty."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if ids else None
 
 
 def toy_calibration(

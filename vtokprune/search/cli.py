@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-CALIBRATIONS = ("toy",)
+LMMS_PREFIX = "lmms:"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.02, help="greedy: objective drop allowed per layer decision")
     p.add_argument("--levels", type=int, default=16, help="greedy: candidate counts per layer (fractions k/levels)")
     p.add_argument("--trials", type=int, default=20, help="psigmoid: Bayesian-optimisation trials")
-    p.add_argument("--calibration", default="toy", help="calibration set: toy (the toy world's training split)")
+    p.add_argument(
+        "--calibration",
+        default="toy",
+        help="calibration set: toy (the toy world's training split) or lmms:TASK (an lmms-eval task's training, else "
+        "validation split; never the split lmms-eval evaluates)",
+    )
+    p.add_argument("--include-path", default=None, help="lmms:TASK: a directory of your own lmms-eval task YAMLs")
     p.add_argument("--samples", type=int, default=64, help="calibration questions")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="calibration draw and optimiser seed")
@@ -48,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..errors import VTokPruneError
 
-    if args.calibration not in CALIBRATIONS:
-        raise VTokPruneError(
-            f"--calibration {args.calibration!r}: only {', '.join(CALIBRATIONS)} is supported so far (lmms-eval tasks "
-            "as calibration sets are not implemented yet; build a vtokprune.search.Calibration in Python)"
-        )
+    task = _lmms_task(args.calibration)
+    if task is not None:  # unknown tasks and held-out-only tasks fail before the model loads
+        from .lmms_tasks import calibration_split
+
+        calibration_split(task, args.include_path)
+    elif args.include_path:
+        raise VTokPruneError("--include-path is for --calibration lmms:TASK")
     if args.threads:
         import torch
 
@@ -66,9 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     with quiet_libraries():
         model, processor, description = load_model(args.model)
         if processor is None:
-            raise VTokPruneError(f"{description} has no processor; the toy calibration set needs one")
+            raise VTokPruneError(f"{description} has no processor; a calibration set needs one to build its inputs")
         model.eval()
-        calibration = toy_calibration(processor, args.samples, args.seed, args.batch_size, dtype=model.dtype)
+        if task is None:
+            calibration = toy_calibration(processor, args.samples, args.seed, args.batch_size, dtype=model.dtype)
+        else:
+            from .lmms_tasks import lmms_calibration
+
+            calibration = lmms_calibration(
+                task, model, processor, args.samples, args.seed, args.batch_size, include_path=args.include_path
+            )
         print(f"model: {description}\ncalibration: {calibration.description}", file=sys.stderr)
         if args.method == "vflowopt":
             return _tune(args, model, calibration, out, state)
@@ -102,6 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"evaluations: {result.evaluations} ({result.computed} computed now, the rest from {state})")
     print(f"wrote {result.path}; use it: vtokprune sweep --strategies scheduled --set scheduled.file={result.path}")
     return 0
+
+
+def _lmms_task(calibration: str) -> str | None:
+    """None for the toy set, the task name for lmms:TASK; anything else is an error."""
+    from ..errors import VTokPruneError
+
+    if calibration == "toy":
+        return None
+    task = calibration[len(LMMS_PREFIX) :].strip() if calibration.startswith(LMMS_PREFIX) else ""
+    if not task:
+        raise VTokPruneError(
+            f"--calibration {calibration!r}: use toy (the toy world's training split) or lmms:TASK (an lmms-eval "
+            "task with a training or validation split, e.g. lmms:vtokprune_toy)"
+        )
+    return task
 
 
 def _tune(args: argparse.Namespace, model: object, calibration: object, out: Path, state: Path) -> int:
