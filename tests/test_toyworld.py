@@ -247,7 +247,7 @@ def test_tower_memo_replays_the_same_signals(strategy):
 def test_training_sequence_positions_original_and_contiguous():
     """Training feeds kept tokens where vtokprune's strategies put them: original positions or renumbered."""
     from vtokprune.toyworld.model import build_model, build_tokenizer
-    from vtokprune.toyworld.train import assemble, token_ids
+    from vtokprune.toyworld.train_batches import assemble, token_ids
 
     tok = build_tokenizer()
     model = build_model(text_width=32, text_layers=1, heads=2)

@@ -12,15 +12,15 @@ On a prefill that carries images it:
 
 In-LLM strategies are run by decoder-layer hooks (runtime.py); the adapter only describes where the layers are.
 
-This module: the family interface, installing / removing the hooks, and the prefill flow. Steps 3-4 and the decode
-steps (placeholder slots, compaction, positions, cache records) are in sequence.py (`SequenceBookkeeping`).
+This module: the family interface, installing / removing the hooks, and the prefill flow. Step 1's output
+(`EncodedImages`) and the vision-layer probes are in vision_signals.py; steps 3-4 and the decode steps (placeholder
+slots, compaction, positions, cache records) are in sequence.py (`SequenceBookkeeping`).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -30,22 +30,12 @@ from torch import nn
 from ..compaction import Compaction
 from ..compat import cache_from_output, native_cache_name, normalise_cache_args
 from ..errors import CapabilityError, PruningStateError
-from ..probe import attention_rows, install_probe, probing, uninstall_probe
+from ..probe import install_probe, probing, uninstall_probe
 from ..runtime import CacheRecord, PrunerState, Selection, active_run, decoder_pre_hook, make_stage_probe
-from ..strategies.base import LLMStrategy, Strategy, VisionSelection, VisionSignals, VisionStrategy
-from .hooks import InstalledHook, LabelledForward, PrunedForward, adapter_pass, bypass_guard
+from ..strategies.base import LLMStrategy, Strategy, VisionSelection, VisionStrategy
+from .hooks import InstalledHook, LabelledForward, PrunedForward, adapter_pass, bypass_guard, encoder_hook
 from .sequence import SequenceBookkeeping
-
-
-@dataclass
-class EncodedImages:
-    """Per-image features (what the LLM gets) and the signals the strategy asked for, grouped by token count."""
-
-    features: list[torch.Tensor]  # per image [T_i, D]
-    signals: dict[int, VisionSignals]  # group key (the token count T for most families) -> signals of its images
-    groups: dict[int, list[int]]  # group key -> indices of those images (all with the same T and layout)
-    layout: Any = None  # adapter-private: how each image's tokens sit in its placeholder run (e.g. LLaVA-NeXT)
-    preselected: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (kept, features) chosen in the tower
+from .vision_signals import EncodedImages, group_features
 
 
 class Adapter(SequenceBookkeeping):
@@ -204,7 +194,7 @@ class Adapter(SequenceBookkeeping):
         if isinstance(strategy, VisionStrategy):
             encoder: Any = self.image_encoder_module()
             for name, encode in self.encoder_hooks().items():
-                setattr(encoder, name, InstalledHook(_encoder_hook(getattr(encoder, name), encode, strategy)))
+                setattr(encoder, name, InstalledHook(encoder_hook(getattr(encoder, name), encode, strategy)))
                 state.handles.append(("method", (encoder, name)))
             for layer in strategy.vision_layers(self.vision_num_layers(), self.signal_layer(strategy)):
                 attn: Any = self.vision_attention(layer)
@@ -365,67 +355,4 @@ class Adapter(SequenceBookkeeping):
         raise NotImplementedError
 
 
-def _encoder_hook(
-    original: Callable[..., Any], encode: Callable[..., Any], strategy: VisionStrategy
-) -> Callable[..., Any]:
-    """Wrap an encoder method (e.g. `get_image_features`) so it runs through `encode(original, args, strategy)`."""
-    signature = inspect.signature(original)
-
-    def hooked(*args: Any, **kwargs: Any) -> Any:
-        bound = dict(signature.bind(*args, **kwargs).arguments)
-        bound.update(bound.pop("kwargs", None) or {})
-        return encode(original, bound, strategy)
-
-    return hooked
-
-
-# ---------------------------------------------------------------------- probes for vision-side signals
-
-
-def group_features(features: list[torch.Tensor], **signal_fields: Any) -> EncodedImages:
-    """Group per-image features by token count into VisionSignals (features only, plus the given fields)."""
-    groups: dict[int, list[int]] = {}
-    for i, f in enumerate(features):
-        groups.setdefault(int(f.shape[0]), []).append(i)
-    signals = {
-        t: VisionSignals(features=torch.stack([features[i] for i in members]), **signal_fields)
-        for t, members in groups.items()
-    }
-    return EncodedImages(features=features, signals=signals, groups=groups)
-
-
-def vision_probe(signals: dict[str, dict[int, torch.Tensor]], layer: int, needs: frozenset[str], cls_offset: int):  # type: ignore[no-untyped-def]
-    """Callback capturing [CLS] attention / keys / values of one vision layer into `signals`."""
-
-    def probe(module, query, key, value, attention_mask, kwargs) -> None:  # type: ignore[no-untyped-def]
-        if "cls_attn" in needs:
-            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
-            probs = attention_rows(query, key, attention_mask, rows, kwargs.get("scaling"), causal=False)
-            signals.setdefault("cls_attn", {})[layer] = probs[:, :, 0, cls_offset:]
-        if "keys" in needs:
-            signals.setdefault("keys", {})[layer] = key[:, :, cls_offset:]
-            if cls_offset:
-                signals.setdefault("cls_keys", {})[layer] = key[:, :, 0]
-        if "values" in needs:
-            signals.setdefault("values", {})[layer] = value[:, :, cls_offset:]
-            if cls_offset:
-                signals.setdefault("cls_values", {})[layer] = value[:, :, 0]
-
-    return probe
-
-
-def run_with_vision_probes(
-    adapter: Adapter, strategy: VisionStrategy, cls_offset: int, fn: Callable[[], Any]
-) -> tuple[Any, dict[str, dict[int, torch.Tensor]]]:
-    signals: dict[str, dict[int, torch.Tensor]] = {}
-    layers = strategy.vision_layers(adapter.vision_num_layers(), adapter.feature_layer())
-    callbacks = {
-        id(adapter.vision_attention(layer)): vision_probe(signals, layer, strategy.needs, cls_offset)
-        for layer in layers
-    }
-    with probing(callbacks if strategy.needs - {"hidden"} else {}):
-        out = fn()
-    return out, signals
-
-
-__all__ = ["Adapter", "EncodedImages", "group_features", "run_with_vision_probes"]
+__all__ = ["Adapter"]

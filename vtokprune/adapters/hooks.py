@@ -11,13 +11,16 @@ import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 
 from ..compat import cache_from_args
 from ..errors import PruningStateError
+
+if TYPE_CHECKING:
+    from ..strategies.base import VisionStrategy
 
 _PASS: ContextVar[Any] = ContextVar("vtokprune_adapter_pass", default=None)
 
@@ -120,6 +123,20 @@ def bypass_guard(state: Any) -> Callable[..., Any]:
         )
 
     return hook
+
+
+def encoder_hook(
+    original: Callable[..., Any], encode: Callable[..., Any], strategy: VisionStrategy
+) -> Callable[..., Any]:
+    """Wrap an encoder method (e.g. `get_image_features`) so it runs through `encode(original, args, strategy)`."""
+    signature = inspect.signature(original)
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        bound = dict(signature.bind(*args, **kwargs).arguments)
+        bound.update(bound.pop("kwargs", None) or {})
+        return encode(original, bound, strategy)
+
+    return hooked
 
 
 def check_cache_lengths(record: Any, cache: Any, attention_mask: torch.Tensor | None, q: int) -> None:

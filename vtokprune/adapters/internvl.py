@@ -24,8 +24,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import PruningStateError
 from ..strategies.base import VisionSignals, VisionStrategy
-from .base import EncodedImages, run_with_vision_probes
 from .llava import LlavaAdapter
+from .vision_signals import EncodedImages, run_with_vision_probes
 
 
 class InternVLAdapter(LlavaAdapter):

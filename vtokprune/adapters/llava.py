@@ -11,8 +11,9 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..strategies.base import VisionSignals, VisionStrategy
-from . import in_tower
-from .base import Adapter, EncodedImages, run_with_vision_probes
+from . import in_tower_llava
+from .base import Adapter
+from .vision_signals import EncodedImages, run_with_vision_probes
 from .vit_layout import block_attention, has_cls_token, vision_blocks
 
 
@@ -77,7 +78,7 @@ class LlavaAdapter(Adapter):
 
     def encode_images(self, original: Callable[..., Any], args: dict[str, Any], strategy: VisionStrategy) -> Any:
         if strategy.in_tower_layer is not None:
-            return in_tower.encode_llava(self, original, args, strategy)
+            return in_tower_llava.encode_llava(self, original, args, strategy)
         cls_offset = 0 if self._keeps_cls(args) else 1
         args = dict(args)
         args["return_dict"] = True

@@ -38,9 +38,9 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from ..errors import PruningStateError
 from ..strategies.base import VisionSignals, VisionStrategy
-from . import in_tower
-from .base import EncodedImages, run_with_vision_probes
+from . import in_tower_llava
 from .llava import LlavaAdapter
+from .vision_signals import EncodedImages, run_with_vision_probes
 
 
 @dataclass
@@ -125,7 +125,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def encode_images(self, original: Callable[..., Any], args: dict[str, Any], strategy: VisionStrategy) -> Any:
         if strategy.in_tower_layer is not None:
-            return in_tower.encode_llava_next(self, original, args, strategy)
+            return in_tower_llava.encode_llava_next(self, original, args, strategy)
         if self._keeps_cls(args):
             raise NotImplementedError("vtokprune: LLaVA-NeXT with vision_feature_select_strategy='full'")
         args = dict(args)

@@ -27,7 +27,8 @@ from ..compat import cache_from_output
 from ..errors import PruningStateError
 from ..runtime import CacheRecord, PrunerState
 from ..strategies.base import VisionSignals, VisionStrategy
-from .base import Adapter, EncodedImages
+from .base import Adapter
+from .vision_signals import EncodedImages
 
 IMAGE, VIDEO = 1, 2
 
