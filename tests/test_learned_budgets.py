@@ -109,3 +109,21 @@ def test_head_trained_for_another_model_is_refused(heads, calibration):
     strategy = vtokprune.get_strategy("dyvte", head=heads["dyvte"])
     with pytest.raises(BudgetError, match="train a head for this model"), vtokprune.pruned(other, strategy):
         other(**inputs)
+
+
+def test_heads_shipped_beside_the_embedded_model_load_and_run():
+    from vtokprune.embedded import example_inputs, load_default
+
+    embedded, processor, _ = load_default()
+    inputs, _, _ = example_inputs(embedded, processor, None, None)
+    for kind in ("dyvte", "atp"):
+        head, config = load_head("embedded", kind)
+        assert config["kind"] == kind and config["num_layers"] == 3
+        assert config["hidden_size"] == embedded.config.text_config.hidden_size
+        with vtokprune.pruned(embedded, vtokprune.get_strategy(kind, head="embedded")):
+            assert torch.isfinite(embedded(**inputs).logits).all()
+            assert vtokprune.last_selection(embedded).stages  # per-input budgets were recorded
+    tiny = tiny_llava(text_layers=4, image_size=112).eval()
+    strategy = vtokprune.get_strategy("dyvte", head="embedded")
+    with pytest.raises(BudgetError, match="train a head for this model"), vtokprune.pruned(tiny, strategy):
+        tiny(**llava_inputs(tiny, [[5, 6, 7]]))

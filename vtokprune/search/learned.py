@@ -52,10 +52,23 @@ def save_head(head: BudgetHead, out: str | Path, config: dict[str, Any]) -> Path
     return out
 
 
+EMBEDDED = "embedded"  # head=embedded: the heads shipped beside the embedded benchmark model
+
+
+def head_dir(path: str | Path, kind: str) -> Path:
+    """The directory a `head=` value names: a path, or "embedded" for the shipped head of that kind."""
+    if str(path) == EMBEDDED:
+        from ..embedded import TOY_DIR
+
+        return TOY_DIR / "heads" / kind
+    return Path(path)
+
+
 def load_head(path: str | Path, kind: str) -> tuple[BudgetHead, dict[str, Any]]:
-    """(head, config) from a directory written by `save_head`; cached per path. BudgetError naming the fix."""
-    key = str(Path(path).resolve())
-    folder = Path(path)
+    """(head, config) from a directory written by `save_head` (or "embedded"); cached per path. BudgetError naming
+    the fix."""
+    folder = head_dir(path, kind)
+    key = str(folder.resolve())
     if key in _CACHE and (folder / "head.safetensors").is_file():
         head, config = _CACHE[key]
         if config.get("kind") != kind:

@@ -24,7 +24,8 @@ class ATP(LLMStrategy):
     Here the module is :class:`~vtokprune.search.learned.BudgetHead` on the last token's hidden state entering each
     stage layer (the head's own `layers`, recorded when it was trained); the image keeps ceil(r * n) of its n
     remaining visual tokens, r = max(head output, `min_ratio`), ranked by the last token's attention (FastV's score).
-    `head=` is the directory of a head trained for this model (`vtokprune train-budget --kind atp`).
+    `head=` is the directory of a head trained for this model (`vtokprune train-budget --kind atp`;
+    `head="embedded"`: the head shipped beside the embedded benchmark model).
 
     `keep` / `ratio` (optional) set a floor: no stage keeps fewer than that many. Departures: the official module
     combines attention- and position-based scores with learned thresholds trained end to end with the LLM; this
@@ -49,7 +50,8 @@ class ATP(LLMStrategy):
     def with_default_budget(self) -> Strategy:
         if self.head is None:
             raise CapabilityError(
-                "atp needs a trained ratio module: head=DIR (train one: vtokprune train-budget --kind atp --out DIR)"
+                "atp needs a trained ratio module: head=DIR (train one: vtokprune train-budget --kind atp --out DIR;"
+                " head=embedded on the embedded benchmark model)"
             )
         return self
 

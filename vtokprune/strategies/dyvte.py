@@ -23,8 +23,9 @@ class DyVTE(LLMStrategy):
     later layers (and from the KV cache of those layers). Here the network is :class:`~vtokprune.search.learned.
     BudgetHead` on the last token's hidden state entering layer l (and l / L); the visual tokens exit before the
     first layer l >= `min_layer` with p >= `threshold`. `head=` is the directory of a head trained for this model
-    (`vtokprune train-budget --kind dyvte`). `exit_layer=` instead makes every input exit before that layer (no
-    head; also what the training labels are computed with).
+    (`vtokprune train-budget --kind dyvte`; `head="embedded"`: the head shipped beside the embedded benchmark
+    model). `exit_layer=` instead makes every input exit before that layer (no head; also what the training labels
+    are computed with).
 
     `keep` / `ratio` (optional): the visual tokens that stay after the exit, chosen by the last token's attention
     (FastV's score); without a budget, all of them exit. Departure: the official head reads several text tokens'
@@ -56,8 +57,8 @@ class DyVTE(LLMStrategy):
     def with_default_budget(self) -> Strategy:
         if self.head is None and self.exit_layer is None:
             raise CapabilityError(
-                "dyvte needs a trained exit head: head=DIR (train one: vtokprune train-budget --kind dyvte --out DIR),"
-                " or exit_layer=K for a fixed exit"
+                "dyvte needs a trained exit head: head=DIR (train one: vtokprune train-budget --kind dyvte --out DIR;"
+                " head=embedded on the embedded benchmark model), or exit_layer=K for a fixed exit"
             )
         return self
 

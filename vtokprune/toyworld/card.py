@@ -114,4 +114,28 @@ def write_model_card(path: Path, report: dict[str, Any]) -> None:
     ]
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{n} ({why})" for n, why in report["skipped"].items()) + "."]
+    lines += heads_section(path)
     (path / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def heads_section(path: Path) -> list[str]:
+    """Card lines for the DyVTE / ATP heads shipped in `path/heads/` (none when there are none)."""
+    heads = sorted(p.parent for p in path.glob("heads/*/head.json"))
+    if not heads:
+        return []
+    lines = [
+        "",
+        "## Learned budget heads",
+        "",
+        "Trained on this model with `vtokprune train-budget` (labels from the frozen model on training-split "
+        'questions; use them with `head="embedded"`):',
+        "",
+        "| head | calibration | decides at layers | fit on its training labels |",
+        "|---|---|---|---|",
+    ]
+    for folder in heads:
+        cfg = json.loads((folder / "head.json").read_text())
+        fit = cfg.get("train_fit")  # dyvte: accuracy of the exit decision; atp: mean absolute error of the ratio
+        shown = "?" if fit is None else (f"accuracy {100 * fit:.1f}%" if cfg["kind"] == "dyvte" else f"MAE {fit:.3f}")
+        lines.append(f"| `heads/{folder.name}` | {cfg.get('calibration', '?')} | {cfg.get('layers')} | {shown} |")
+    return lines
