@@ -23,17 +23,22 @@ selection is free; what a strategy's own scoring costs, e.g. ZOO-Prune's project
 overhead (the strategy at keep = all tokens minus the unpruned prefill, each keep-all run paired with an unpruned run
 beside it, order alternating by round; as a share of the unpruned prefill). Strategies that skip scoring when asked
 to keep everything (cdpruner, divprune, zoo, ...) show only the hook and compaction cost in the overhead column.
+pruning_steps (ms and % of the unpruned prefill): the time the timed prefill at K spent in the pruning steps
+themselves (vision-side selection, sequence compaction, each in-LLM stage; not the attention-row probes, which run
+inside the attention calls, nor an in-tower selection, which runs inside the vision tower), timed in place: a
+direct measure that the prefill-to-prefill noise does not swamp.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import llava_inputs, llava_model, machine, median_ci, table, write_json  # noqa: E402
 
 import vtokprune  # noqa: E402
+from vtokprune import runtime  # noqa: E402
+from vtokprune.adapters.base import Adapter  # noqa: E402
+from vtokprune.adapters.sequence import SequenceBookkeeping  # noqa: E402
 from vtokprune.errors import VTokPruneError  # noqa: E402
 from vtokprune.strategies.base import (  # noqa: E402
     LLMContext,
@@ -172,17 +180,65 @@ def prefill_fn(model: Any, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]
     return run
 
 
-def time_config(model: Any, inputs: dict[str, torch.Tensor], cfg: Config, warmup: bool) -> float:
-    """One timed prefill with `cfg` applied (after one untimed prefill when `warmup`: first-call costs)."""
+# The pruning work inside a prefill: vision-side selection (scores, top-k, gather) and the sequence compaction, and
+# each in-LLM stage (PyramidDrop's extra attention on the stage input, score, top-k, compaction of the hidden states)
+# and the per-layer masks and positions of the compacted sequence.
+TIMED_STEPS = [
+    (Adapter, "_select"),
+    (SequenceBookkeeping, "compact_args"),
+    (runtime, "_score_with_own_attention"),
+    (runtime, "_prune_stage"),
+    (runtime, "_stage_kwargs"),
+]
+
+
+@contextlib.contextmanager
+def selection_timer() -> Iterator[list[float]]:
+    """Accumulate the wall time (ms) spent in TIMED_STEPS while active (a list holding one number)."""
+    spent = [0.0]
+    depth = [0]  # steps call each other: count the outermost only
+    saved = [(owner, name, getattr(owner, name)) for owner, name in TIMED_STEPS]
+
+    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[0] += (time.perf_counter() - t0) * 1e3
+
+        return wrapper
+
+    for owner, name, fn in saved:
+        setattr(owner, name, timed(fn))
+    try:
+        yield spent
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def time_config(
+    model: Any, inputs: dict[str, torch.Tensor], cfg: Config, warmup: bool, steps: list[float] | None = None
+) -> float:
+    """One timed prefill with `cfg` applied (after one untimed prefill when `warmup`: first-call costs); the time
+    spent in the pruning steps of the timed prefill is appended to `steps`."""
     if cfg.strategy is not None:
         vtokprune.apply(model, cfg.strategy)
     try:
         run = prefill_fn(model, inputs)
         if warmup:
             run()
-        t0 = time.perf_counter()
-        run()
-        return (time.perf_counter() - t0) * 1e3
+        with selection_timer() as spent:
+            t0 = time.perf_counter()
+            run()
+            ms = (time.perf_counter() - t0) * 1e3
+        if steps is not None:
+            steps.append(spent[0])
+        return ms
     finally:
         if cfg.strategy is not None:
             vtokprune.remove(model)
@@ -196,6 +252,7 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, geometry: dict[s
     keep_alls = [c for c in todo if c.overhead_of is not None]
     none = rows_cfg[0]
     samples: dict[str, list[float]] = {c.label: [] for c in rows_cfg}
+    steps: dict[str, list[float]] = {c.label: [] for c in rows_cfg}
     overhead: dict[str, list[float]] = {c.label: [] for c in keep_alls}
     errors: dict[str, str] = {}
     warmed: set[str] = set()
@@ -204,7 +261,7 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, geometry: dict[s
         if c.label in errors:
             return None
         try:
-            ms = time_config(model, inputs, c, warmup=c.label not in warmed)
+            ms = time_config(model, inputs, c, warmup=c.label not in warmed, steps=steps.get(c.label))
         except VTokPruneError as e:
             errors[c.label] = f"{type(e).__name__}: {e}"
             return None
@@ -234,6 +291,9 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, geometry: dict[s
         ms = median_ci(samples[c.label])
         row.update(ms=ms["median"], ms_ci=[ms["lo"], ms["hi"]], rounds=ms["n"])
         row["x_unpruned"] = statistics.median(samples["none"]) / ms["median"]
+        if c.strategy is not None:
+            row["pruning_steps_ms"] = statistics.median(steps[c.label])
+            row["pruning_steps_%"] = 100 * row["pruning_steps_ms"] / statistics.median(samples["none"])
         if c.ideal is not None and samples.get(c.ideal):
             share = median_ci([100 * i / s for i, s in zip(samples[c.ideal], samples[c.label])])  # paired by round
             row.update(ideal=c.ideal, **{"share_of_ideal_%": share["median"], "share_ci": [share["lo"], share["hi"]]})
@@ -282,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for batch in args.batch:
         rows += run_batch(model, batch, args, geometry)
-    cols = ["batch", "row", "keep", "ms", "x_unpruned", "share_of_ideal_%", "overhead_ms", "overhead_%"]
+    cols = ["batch", "row", "keep", "ms", "x_unpruned", "share_of_ideal_%", "overhead_%", "pruning_steps_%"]
     env = machine(device)
     env["loadavg_before"] = load_before
     env["minutes"] = round((time.time() - start) / 60, 1)

@@ -19,5 +19,7 @@ def test_cpu_prefill_smoke(tmp_path):
     assert all(r["ms"] > 0 for r in rows.values())
     assert all("share_of_ideal_%" in rows[name] and "overhead_ms" in rows[name] for name in expected)
     assert all(r["ms_ci"][0] <= r["ms"] <= r["ms_ci"][1] for r in rows.values())
+    assert all(rows[name]["pruning_steps_ms"] > 0 for name in expected)  # the pruning steps were timed in place
+    assert "pruning_steps_ms" not in rows["none"]
     env = data["env"]
     assert env["cpu"] and env["torch_threads"] >= 1 and env["loadavg"] and "git_sha" in env
