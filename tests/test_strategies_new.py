@@ -354,3 +354,25 @@ def test_zoo_llava_projector_shortcut_equals_the_black_box_estimate():
     black_box = zeroth_order_sensitivity(lambda v: projector(v), x, 8, 1e-2, seed=3)
     torch.testing.assert_close(fast, black_box, rtol=2e-3, atol=1e-5)
     assert torch.equal(fast.argsort(dim=-1), black_box.argsort(dim=-1))
+
+
+def test_zoo_shortcut_is_not_taken_when_the_projector_forward_changed(monkeypatch):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=24),
+        text_config=LlamaConfig(hidden_size=40, num_attention_heads=4, num_key_value_heads=4),
+        image_token_id=3,
+    )
+    torch.manual_seed(0)
+    projector = LlavaMultiModalProjector(config).eval()
+    x = torch.randn(2, 11, 24)
+
+    def changed_forward(self, image_features):  # a release that adds a step the shortcut does not know
+        return torch.tanh(self.linear_2(self.act(self.linear_1(image_features))))
+
+    monkeypatch.setattr(LlavaMultiModalProjector, "forward", changed_forward)
+    got = zeroth_order_sensitivity(projector, x, 8, 1e-2, seed=3)
+    black_box = zeroth_order_sensitivity(lambda v: projector(v), x, 8, 1e-2, seed=3)
+    assert torch.equal(got, black_box)

@@ -25,7 +25,7 @@ def zeroth_order_sensitivity(
     generator seeded with `seed` (on the CPU, so results do not depend on the device), the same directions for
     every token. The projector acts on each token alone, so all tokens are perturbed in one batched call.
     LLaVA's Linear -> activation -> Linear projector takes a shortcut with the same value up to float rounding
-    (:func:`_mlp_sensitivity`); any other projector is called as a black box.
+    (:func:`_mlp_sensitivity`) when one token confirms that structure; any other projector is called as a black box.
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     directions = []
@@ -33,7 +33,7 @@ def zeroth_order_sensitivity(
         u = torch.randn(inputs.shape[-1], generator=gen).to(inputs.device)
         directions.append(u / u.norm().clamp(min=1e-12))
     mlp = _llava_mlp(projector)
-    if mlp is not None:
+    if mlp is not None and _mlp_matches(projector, mlp, inputs):
         return _mlp_sensitivity(*mlp, inputs, directions, epsilon)
     x = inputs.float()
     total = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
@@ -52,6 +52,15 @@ def _llava_mlp(projector: Any) -> tuple[nn.Linear, Any, nn.Linear] | None:
     if type(projector) is not LlavaMultiModalProjector:
         return None
     return projector.linear_1, projector.act, projector.linear_2
+
+
+def _mlp_matches(projector: Any, mlp: tuple[nn.Linear, Any, nn.Linear], inputs: torch.Tensor) -> bool:
+    """Does the projector still compute linear_2(act(linear_1(x)))? Checked on one token per call: the shortcut reads
+    transformers internals, and a release that changed the projector's forward must not change our scores."""
+    linear_1, act, linear_2 = mlp
+    x = inputs[:1, :1]
+    mine = linear_2(act(linear_1(x))).float()
+    return bool(torch.allclose(projector(x).float(), mine, rtol=1e-3, atol=1e-3 * float(mine.abs().max()) + 1e-6))
 
 
 def _mlp_sensitivity(
