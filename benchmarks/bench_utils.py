@@ -195,3 +195,13 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def in_tower_spec(spec: str) -> dict[str, Any]:
+    """An in-tower variant from its label: "3" -> layer 3; "2-4" -> stages at layers 2 and 4; "+fuse" -> the dropped
+    patches fused into one context token. Returns strategy keyword arguments."""
+    layers, _, flag = spec.partition("+")
+    if flag not in ("", "fuse"):
+        raise ValueError(f"in-tower spec {spec!r}: the only flag is +fuse")
+    stages = tuple(int(x) for x in layers.split("-"))
+    return {"in_tower_layer": stages[0] if len(stages) == 1 else stages, "in_tower_fuse": flag == "fuse"}

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's vtokprune
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import llava_inputs, llava_model, machine, median_ci, table, write_json  # noqa: E402
+from bench_utils import in_tower_spec, llava_inputs, llava_model, machine, median_ci, table, write_json  # noqa: E402
 
 import vtokprune  # noqa: E402
 from vtokprune import runtime  # noqa: E402
@@ -72,7 +73,7 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
             num_key_value_heads=2, vocab_size=32064, max_position_embeddings=4096,
         ),
         "keep": 64,
-        "in_tower_layers": (2, 3, 6),
+        "in_tower_layers": ("2", "3", "6"),
     },
     "smoke": {
         "vision": dict(
@@ -84,7 +85,7 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
             vocab_size=128, max_position_embeddings=512,
         ),
         "keep": 8,
-        "in_tower_layers": (0,),
+        "in_tower_layers": ("0",),
     },
 }  # fmt: skip
 # Left out, with the reason (each needs something a random-weight model cannot have).
@@ -147,9 +148,10 @@ class Config:
     overhead_of: str | None = None  # this row is the keep-all run of that label
 
 
-def configs(keep: int, available: int, in_tower_layers: tuple[int, ...], overhead: bool) -> list[Config]:
+def configs(keep: int, available: int, in_tower_layers: tuple[str, ...], overhead: bool) -> list[Config]:
+    """Every row; in-tower variants from their specs (bench_utils.in_tower_spec: "3", "2-4", "2-4+fuse")."""
     out = [Config("none", None), Config("ideal", FirstK(keep=keep))]
-    out += [Config(f"ideal@L{i}", FirstKInTower(keep=keep, in_tower_layer=i)) for i in in_tower_layers]
+    out += [Config(f"ideal@L{i}", FirstKInTower(keep=keep, **in_tower_spec(i))) for i in in_tower_layers]
     for name in vtokprune.available_strategies():
         if name in SKIP:
             continue
@@ -163,11 +165,11 @@ def configs(keep: int, available: int, in_tower_layers: tuple[int, ...], overhea
             out.append(Config(f"{name}/keep-all", vtokprune.get_strategy(name, keep=available), overhead_of=name))
     for name in IN_TOWER:
         for layer in in_tower_layers:
-            strategy = vtokprune.get_strategy(name, keep=keep, in_tower_layer=layer)
+            strategy = vtokprune.get_strategy(name, keep=keep, **in_tower_spec(layer))
             out.append(Config(f"{name}@L{layer}", strategy, f"ideal@L{layer}"))
     if overhead:
         layer = in_tower_layers[0]
-        keep_all = vtokprune.get_strategy("cls", keep=available, in_tower_layer=layer)
+        keep_all = vtokprune.get_strategy("cls", keep=available, **in_tower_spec(layer))
         out.append(Config(f"cls@L{layer}/keep-all", keep_all, overhead_of=f"cls@L{layer}"))
     return out
 
@@ -248,6 +250,11 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, geometry: dict[s
     inputs = llava_inputs(model, batch, args.text_tokens)
     available = (geometry["vision"]["image_size"] // geometry["vision"]["patch_size"]) ** 2
     todo = configs(geometry["keep"], available, geometry["in_tower_layers"], batch in args.overhead_batches)
+    if args.only:
+        wanted = re.compile(args.only)
+        keep = {c.label for c in todo if wanted.fullmatch(c.label)}
+        keep |= {c.ideal for c in todo if c.label in keep and c.ideal} | {"none"}
+        todo = [c for c in todo if c.label in keep or (c.overhead_of is not None and c.overhead_of in keep)]
     rows_cfg = [c for c in todo if c.overhead_of is None]
     keep_alls = [c for c in todo if c.overhead_of is not None]
     none = rows_cfg[0]
@@ -297,6 +304,10 @@ def run_batch(model: Any, batch: int, args: argparse.Namespace, geometry: dict[s
         if c.ideal is not None and samples.get(c.ideal):
             share = median_ci([100 * i / s for i, s in zip(samples[c.ideal], samples[c.label])])  # paired by round
             row.update(ideal=c.ideal, **{"share_of_ideal_%": share["median"], "share_ci": [share["lo"], share["hi"]]})
+        post = c.label.split("@")[0]
+        if "@" in c.label and samples.get(post):  # in-tower speed-up over the same strategy after the tower
+            x = median_ci([p / s for p, s in zip(samples[post], samples[c.label])])  # paired by round
+            row.update(x_post_tower=x["median"], x_post_tower_ci=[x["lo"], x["hi"]])
         keep_all = next((o for o in keep_alls if o.overhead_of == c.label), None)
         if keep_all is not None and overhead[keep_all.label]:
             ovh = median_ci(overhead[keep_all.label])
@@ -313,9 +324,13 @@ def display(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         d = dict(r)
-        for key, ci in (("share_of_ideal_%", "share_ci"), ("overhead_%", "overhead_%_ci")):
+        for key, ci, digits in (
+            ("share_of_ideal_%", "share_ci", 1),
+            ("overhead_%", "overhead_%_ci", 1),
+            ("x_post_tower", "x_post_tower_ci", 2),
+        ):
             if key in r:
-                d[key] = f"{r[key]:.1f} [{r[ci][0]:.1f}, {r[ci][1]:.1f}]"
+                d[key] = f"{r[key]:.{digits}f} [{r[ci][0]:.{digits}f}, {r[ci][1]:.{digits}f}]"
         out.append(d)
     return out
 
@@ -328,10 +343,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--text-tokens", type=int, default=48)
     p.add_argument("--overhead-batches", type=int, nargs="*", default=None, help="batches with keep-all rows")
+    p.add_argument("--in-tower", default=None, help='in-tower variants, comma-separated specs: "2,3,2-4+fuse"')
+    p.add_argument("--only", default=None, help="rows whose label matches this regex (with their ideals and none)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    geometry = GEOMETRIES["smoke" if args.smoke else "mid"]
+    geometry = dict(GEOMETRIES["smoke" if args.smoke else "mid"])
+    if args.in_tower:
+        geometry["in_tower_layers"] = tuple(args.in_tower.split(","))
     args.batch = args.batch or ([2] if args.smoke else [1, 8])
     args.rounds = args.rounds or (1 if args.smoke else 5)
     args.overhead_batches = args.batch if args.overhead_batches is None else args.overhead_batches
@@ -343,6 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for batch in args.batch:
         rows += run_batch(model, batch, args, geometry)
     cols = ["batch", "row", "keep", "ms", "x_unpruned", "share_of_ideal_%", "overhead_%", "pruning_steps_%"]
+    if any("x_post_tower" in r for r in rows):
+        cols.append("x_post_tower")
     env = machine(device)
     env["loadavg_before"] = load_before
     env["minutes"] = round((time.time() - start) / 60, 1)

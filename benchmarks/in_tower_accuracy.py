@@ -2,6 +2,10 @@
 
     python benchmarks/in_tower_accuracy.py --samples 400 --keep 28 --layers 3,6,9 --json benchmarks/results/in_tower_accuracy.json
 
+`--layers` takes in-tower specs (bench_utils.in_tower_spec): "3" selects after vision layer 3, "2-4" in two stages
+(after layers 2 and 4), "+fuse" adds the fused context token. Choose variants on `--split validation` (questions from
+the validation range of scenes) and report them on the held-out split (the default), never the other way round.
+
 Every configuration answers the same held-out questions, so differences are paired: besides each accuracy (Wilson
 95% interval) the table gives the difference to the post-tower run of the same strategy with a paired bootstrap 95%
 interval. Configurations: unpruned; each strategy after the tower; each strategy at every in-tower layer that
@@ -22,10 +26,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's vtokprune
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_utils
+
+from bench_utils import in_tower_spec  # noqa: E402
+
 import vtokprune  # noqa: E402
 from vtokprune.reporting import wilson_interval  # noqa: E402
 from vtokprune.toyworld.model import answer, load  # noqa: E402
-from vtokprune.toyworld.scenes import heldout, render  # noqa: E402
+from vtokprune.toyworld.scenes import heldout, render, validation  # noqa: E402
+
+MODEL = "vtokprune/assets/toy-dinov2-llava"
 
 
 def wilson(correct: int, n: int) -> tuple[float, float]:
@@ -55,7 +65,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--samples", type=int, default=400)
     p.add_argument("--keep", type=int, default=28)
     p.add_argument("--strategies", default="cls,visionzip,flowcut")
-    p.add_argument("--layers", default=None, help="in-tower layers (default: every layer before the feature layer)")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help='in-tower specs, e.g. "3,6,2-4+fuse" (default: every layer before the feature layer)',
+    )
+    p.add_argument("--split", choices=("heldout", "validation"), default="heldout")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
@@ -64,8 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, processor = load()
     adapter = vtokprune.get_adapter(model)
     feature = adapter.feature_layer()
-    layers = [int(x) for x in cfg.layers.split(",")] if cfg.layers else list(range(feature))
-    data = heldout(cfg.samples)
+    patches = int(model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    layers = cfg.layers.split(",") if cfg.layers else [str(i) for i in range(feature)]
+    data = heldout(cfg.samples) if cfg.split == "heldout" else validation(cfg.samples)
     runs: dict[str, list[int]] = {}
     start = time.time()
     runs["none"] = correctness(model, processor, data, cfg.batch)
@@ -73,13 +89,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in cfg.strategies.split(","):
         for layer in [None, *layers]:
             label = f"{name}" if layer is None else f"{name}@L{layer}"
-            with vtokprune.pruned(model, vtokprune.get_strategy(name, keep=cfg.keep, in_tower_layer=layer)):
+            extra = {} if layer is None else in_tower_spec(layer)
+            with vtokprune.pruned(model, vtokprune.get_strategy(name, keep=cfg.keep, **extra)):
                 runs[label] = correctness(model, processor, data, cfg.batch)
             print(f"{label}: {sum(runs[label]) / len(data):.3f} ({time.time() - start:.0f} s)", flush=True)
     rows = []
     for label, res in runs.items():
         base = label.split("@")[0]
-        row: dict[str, Any] = {"config": label, "keep": 576 if label == "none" else cfg.keep}
+        row: dict[str, Any] = {"config": label, "keep": patches if label == "none" else cfg.keep}
         row["accuracy"] = sum(res) / len(res)
         row["ci95"] = wilson(sum(res), len(res))
         if "@" in label:
@@ -87,7 +104,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["diff_vs_post"] = row["accuracy"] - sum(ref) / len(ref)
             row["diff_ci95"] = paired_bootstrap(res, ref)
         rows.append(row)
-    print(f"\ntoy-llava ({len(data)} held-out questions, vision feature layer {feature}, keep {cfg.keep} of 576)")
+    print(
+        f"\n{MODEL} ({len(data)} {cfg.split} questions, vision feature layer {feature}, keep {cfg.keep} of {patches})"
+    )
     print("| config | accuracy | 95% CI | vs post-tower (paired 95% CI) |")
     print("|---|---|---|---|")
     for r in rows:
@@ -98,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             diff = f"{100 * r['diff_vs_post']:+.1f} pts [{100 * dlo:+.1f}, {100 * dhi:+.1f}]"
         print(f"| {r['config']} | {100 * r['accuracy']:.1f}% | [{100 * lo:.1f}, {100 * hi:.1f}] | {diff} |")
     payload = {
-        "model": "vtokprune/assets/toy-llava",
+        "model": MODEL,
+        "split": cfg.split,
         "samples": len(data),
         "keep": cfg.keep,
         "feature_layer": feature,

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .compaction import Compaction, contiguous_stage_cols, remap_mask
 from .errors import PruningStateError
 from .probe import attention_rows
@@ -240,16 +241,7 @@ def _prune_stage(run: ForwardRun, layer: int, hidden: torch.Tensor) -> torch.Ten
     image_ids = image_ids.masked_fill(~candidates, -1)
     budget = run.strategy.stage_budget(run.budgets[layer], hidden, ctx, image_ids)
     scores = run.strategy.stage_scores(scores, hidden, ctx, image_ids, budget)
-    # Rank candidates by score (stable: ties go to the earlier token), then keep each image's budget of its own.
-    order = torch.sort(scores.float().masked_fill(~candidates, -torch.inf), dim=1, descending=True, stable=True).indices
-    image_sorted = torch.gather(image_ids, 1, order)
-    rank_sorted = torch.zeros_like(order)
-    for j in range(budget.shape[1]):
-        in_image = image_sorted == j
-        rank_sorted = torch.where(in_image, torch.cumsum(in_image.long(), dim=1) - 1, rank_sorted)
-    budget_sorted = torch.gather(budget, 1, image_sorted.clamp(min=0))
-    chosen_sorted = (image_sorted >= 0) & (rank_sorted < budget_sorted)
-    chosen = torch.zeros_like(candidates).scatter(1, order, chosen_sorted)
+    chosen = kernels.topk_per_group(scores, image_ids, budget)  # each image's budget of its own tokens
     inner = Compaction.from_keep_mask(chosen | ~candidates)  # padding stays: masked as before, shapes unchanged
     merged = run.strategy.merge(hidden, inner.cols, ctx, scores)
     new_hidden = inner.gather(hidden if merged is None else merged)

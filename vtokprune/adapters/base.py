@@ -76,12 +76,11 @@ class Adapter(SequenceBookkeeping):
         """True for 3-D (M-RoPE) positions, which always keep their original values."""
         return False
 
-    def signal_layer(self, strategy: VisionStrategy) -> int:
-        """The vision layer the strategy selects at: its in-tower layer (adapters/in_tower.py), else feature_layer."""
-        from .in_tower import selection_layer
+    def signal_layers(self, strategy: VisionStrategy) -> tuple[int, ...]:
+        """Vision layers the strategy reads: at its in-tower stages (adapters/in_tower.py), else at feature_layer."""
+        from .in_tower import probe_layers
 
-        layer = selection_layer(self, strategy)
-        return self.feature_layer() if layer is None else layer
+        return probe_layers(self, strategy)
 
     def supported_signals(self) -> frozenset[str]:
         """Vision signals (beyond `features`) this adapter can give strategies."""
@@ -196,7 +195,7 @@ class Adapter(SequenceBookkeeping):
             for name, encode in self.encoder_hooks().items():
                 setattr(encoder, name, InstalledHook(encoder_hook(getattr(encoder, name), encode, strategy)))
                 state.handles.append(("method", (encoder, name)))
-            for layer in strategy.vision_layers(self.vision_num_layers(), self.signal_layer(strategy)):
+            for layer in self.signal_layers(strategy):
                 attn: Any = self.vision_attention(layer)
                 install_probe(attn)
                 state.handles.append(("probe", attn))

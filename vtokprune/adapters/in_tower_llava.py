@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import CapabilityError
-from .in_tower import TowerPruning
+from .in_tower import TowerPruning, stage_keeps
 
 if TYPE_CHECKING:
     from ..strategies.base import VisionSelection, VisionStrategy
@@ -34,14 +34,15 @@ def _carried(run: TowerPruning) -> torch.Tensor:
     return run.carry
 
 
-def _signals_at(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]]) -> Any:
+def _signals_at(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]], whole: bool = True) -> Any:
+    """Signals over `patches`; the grid only when they are the whole image (`whole`) and square."""
     from ..strategies.base import VisionSignals
 
     t = patches.shape[1]
     side = math.isqrt(t)
     return VisionSignals(
         features=patches,
-        grid=(side, side) if side * side == t else None,
+        grid=(side, side) if whole and side * side == t else None,
         cls_attn=captured.get("cls_attn", {}),
         keys=captured.get("keys", {}),
         values=captured.get("values", {}),
@@ -60,9 +61,11 @@ def encode_llava(adapter: Any, original: Callable[..., Any], args: dict[str, Any
             "in-tower pruning with vision_feature_select_strategy='full' ([CLS] among the features) is not supported"
         )
 
-    def choose(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]]) -> Any:
-        k = strategy.budget(int(patches.shape[1]))
-        sel = _checked(strategy, strategy.select(_signals_at(patches, captured), k), patches.shape[0], k)
+    def choose(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]], stage: int) -> Any:
+        k = stage_keeps(run.tokens, strategy.budget(run.tokens), len(run.layers))[stage]
+        k = min(k, int(patches.shape[1]))
+        signals = _signals_at(patches, captured, whole=stage == 0)
+        sel = _checked(strategy, strategy.select(signals, k), patches.shape[0], k)
         return sel.indices, sel.features, None
 
     run = TowerPruning(adapter, strategy, choose)
@@ -70,7 +73,7 @@ def encode_llava(adapter: Any, original: Callable[..., Any], args: dict[str, Any
     with run.active(adapter._vision_layers()):
         out = original(**args)
     kept = _carried(run)
-    compact = list(out.pooler_output)  # [k, D] per image
+    compact = [f[: kept.shape[1]] for f in out.pooler_output]  # [k, D] per image (a fused row, if any, is last)
     n_patches = run.tokens
     full = []
     for idx, f in zip(kept, compact):
@@ -158,7 +161,9 @@ def encode_llava_next(
 
     chosen: list[torch.Tensor] = []
 
-    def choose(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]]) -> Any:
+    def choose(patches: torch.Tensor, captured: dict[str, dict[int, torch.Tensor]], stage: int) -> Any:
+        if stage:
+            raise RuntimeError("vtokprune: LLaVA-NeXT in-tower selection has one stage")  # check_in_tower refuses more
         if patches.shape[0] != len(cands):
             raise RuntimeError(f"vtokprune: {patches.shape[0]} tower inputs, but the layouts describe {len(cands)}")
         device = patches.device

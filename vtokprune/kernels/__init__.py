@@ -49,7 +49,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .common import ScoreGather, prepare, repeat_kv_heads, select
+from .common import ScoreGather, prepare, repeat_kv_heads, select, select_per_group
 from .reference import reference_probs, score_and_gather_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -248,6 +248,12 @@ def topk_indices(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None
     return select(scores, k, valid)
 
 
+def topk_per_group(scores: torch.Tensor, groups: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool mask of each group's top-`budgets[b, g]` tokens (groups[b, t] = g, or -1: not a candidate); the
+    in-LLM stages rank each image's tokens with it. Same ranking and tie rule as :func:`topk_indices`."""
+    return select_per_group(scores, groups, budgets)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """x [N, T, D], idx [N, k] -> [N, k, D] (the Triton gather kernel, or torch.gather)."""
     if idx.numel() and x.shape[-1] and x.dim() == 3 and resolve_backend(backend, x.device) == "triton":
@@ -271,6 +277,7 @@ __all__ = [
     "select",
     "set_backend",
     "topk_indices",
+    "topk_per_group",
     "triton_available",
     "use_backend",
 ]

@@ -173,6 +173,23 @@ def select(scores: torch.Tensor, keep: int, candidates: torch.Tensor | None = No
     return torch.sort(order, dim=-1).values
 
 
+def select_per_group(scores: torch.Tensor, groups: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: for every row, the `budgets[b, g]` highest-scoring tokens of each group g (`groups[b, t]` = g,
+    -1 for tokens that are no candidates). The same ranking as :func:`select` (one stable sort of the row: ties to
+    the lower index, NaN last), so a group's kept set never depends on the other groups, the batch or the backend."""
+    s = scores.float()
+    s = torch.where(torch.isnan(s), torch.full_like(s, -torch.inf), s).masked_fill(groups < 0, -torch.inf)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    group_sorted = torch.gather(groups, 1, order)
+    rank_sorted = torch.zeros_like(order)
+    for g in range(budgets.shape[1]):
+        in_group = group_sorted == g
+        rank_sorted = torch.where(in_group, torch.cumsum(in_group.long(), dim=1) - 1, rank_sorted)
+    budget_sorted = torch.gather(budgets.to(order.device), 1, group_sorted.clamp(min=0))
+    chosen_sorted = (group_sorted >= 0) & (rank_sorted < budget_sorted)
+    return torch.zeros_like(groups, dtype=torch.bool).scatter(1, order, chosen_sorted)
+
+
 def repeat_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, Hkv, L, d] -> [B, num_heads, L, d] for grouped-query attention."""
     groups = num_heads // x.shape[1]

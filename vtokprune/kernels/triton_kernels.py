@@ -5,8 +5,15 @@ What each kernel does and how it is launched: triton_score_gather.py, whose wrap
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# Under TRITON_INTERPRET, tl.dot is a numpy matmul whose rounding depends on a key's column in the tile (BLAS edge
+# kernels), so identical keys could score a ulp apart and a tie would not go to the lower index as on the torch
+# backend. There the logits are an elementwise product summed over the head dim: the same sum for every key.
+_SUM_LOGITS = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -30,7 +37,10 @@ def _block_logits(
     kt = tl.load(
         k_base + offs_t[:, None] * sk_t + offs_d[None, :] * sk_d, mask=t_ok[:, None] & d_ok[None, :], other=0.0
     )
-    logits = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee") * scale
+    if _SUM_LOGITS:
+        logits = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2) * scale
+    else:
+        logits = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee") * scale
     ok = r_ok[:, None] & t_ok[None, :]
     if HAS_MASK:
         logits += tl.load(m_rows[:, None] + offs_t[None, :] * sm_t, mask=ok, other=0.0).to(tl.float32)

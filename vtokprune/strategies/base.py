@@ -117,8 +117,12 @@ class VisionSelection:
 @dataclass(frozen=True)
 class VisionStrategy(Strategy):
     # Select at this vision layer (0-based, negative counts from the end) and run the later vision layers on the kept
-    # tokens only (vtokprune/adapters/in_tower.py); None: select after the tower. [CLS]-attention strategies only.
-    in_tower_layer: int | None = field(default=None, kw_only=True)
+    # tokens only (vtokprune/adapters/in_tower.py); a tuple of layers selects progressively (a geometric path of
+    # budgets down to keep); None: select after the tower. [CLS]-attention strategies only.
+    in_tower_layer: int | tuple[int, ...] | None = field(default=None, kw_only=True)
+    # With in_tower_layer: the dropped patches ride on as one fused token (EViT), weighted as the tokens it stands for
+    # (ToMe's proportional attention), context for the later vision layers only; the LLM never sees it.
+    in_tower_fuse: bool = field(default=False, kw_only=True)
 
     acts: ClassVar[str] = "vision"
     # Which signals the strategy reads, beyond `features`: subset of {"cls_attn", "keys", "values", "hidden"}.
@@ -128,6 +132,12 @@ class VisionStrategy(Strategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.in_tower_layer, list):
+            object.__setattr__(self, "in_tower_layer", tuple(self.in_tower_layer))
+        if not isinstance(self.in_tower_fuse, bool):
+            raise BudgetError(f"{self.name} in_tower_fuse must be True or False, got {self.in_tower_fuse!r}")
+        if self.in_tower_fuse and self.in_tower_layer is None:
+            raise BudgetError(f"{self.name} in_tower_fuse=True needs in_tower_layer (it fuses what the tower drops)")
         if self.in_tower_layer is not None:
             from ..adapters.in_tower import validate_strategy
 
