@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, processor = load()
     adapter = vtokprune.get_adapter(model)
     feature = adapter.feature_layer()
-    patches = int(model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    patches = 0  # visual tokens per image, read off the first pruned run
     layers = cfg.layers.split(",") if cfg.layers else [str(i) for i in range(feature)]
     data = heldout(cfg.samples) if cfg.split == "heldout" else validation(cfg.samples)
     runs: dict[str, list[int]] = {}
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             extra = {} if layer is None else in_tower_spec(layer)
             with vtokprune.pruned(model, vtokprune.get_strategy(name, keep=cfg.keep, **extra)):
                 runs[label] = correctness(model, processor, data, cfg.batch)
+                patches = patches or int(vtokprune.last_selection(model).available[0])
             print(f"{label}: {sum(runs[label]) / len(data):.3f} ({time.time() - start:.0f} s)", flush=True)
     rows = []
     for label, res in runs.items():

@@ -19,3 +19,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Imported after the environment above is set: it imports vtokprune (and so its kernels).
+from tests.conformance import BUILDERS, FAMILIES  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    """(family, tiny model) for the conformance tests (tests/test_adapters_conformance*.py), built once per module.
+    Modules with a `family` fixture or parameter of their own override it."""
+    return request.param, BUILDERS[request.param]()

@@ -130,14 +130,17 @@ def test_in_tower_capability_errors(model):
     assert not vtokprune.is_pruned(model)
 
 
-def test_in_tower_refused_on_other_families():
-    from vtokprune.testing import tiny_internvl, tiny_qwen2_vl
+def test_in_tower_refused_on_qwen_and_served_on_internvl():
+    from vtokprune.testing import internvl_inputs, tiny_internvl, tiny_qwen2_vl
 
-    for build, why in ((tiny_qwen2_vl, "no \\[CLS\\]"), (tiny_internvl, "not supported")):
-        m = build()
-        with pytest.raises(CapabilityError, match=why):
-            vtokprune.apply(m, get_strategy("cls", keep=4, in_tower_layer=0))
-        assert not vtokprune.is_pruned(m)
+    m = tiny_qwen2_vl()
+    with pytest.raises(CapabilityError, match="no \\[CLS\\]"):
+        vtokprune.apply(m, get_strategy("cls", keep=4, in_tower_layer=0))
+    assert not vtokprune.is_pruned(m)
+    m = tiny_internvl()  # in detail: tests/test_in_tower_internvl.py
+    inputs = internvl_inputs(m, PROMPTS, [[2], [1]])
+    _, sel = _run(m, inputs, get_strategy("cls", keep=4, in_tower_layer=0))
+    assert [int(k.numel()) for k in sel.kept] == [4, 4]
 
 
 # ---------------------------------------------------------------------------------------------- LLaVA-NeXT, per tile

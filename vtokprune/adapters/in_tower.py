@@ -12,17 +12,18 @@ What changes against post-tower pruning: the kept tokens' features are computed 
 later layers' attention (that is the saving, and the accuracy trade-off), and merging strategies (visionzip) merge
 hidden states of layer ``l`` rather than projected features (as the VisionZip paper does).
 
-Mechanism: two forward pre-hooks on the tower's layers, registered for one encoder call and active only in the
-context that registered them (a ContextVar), so concurrent calls on the same model stay apart.
+Mechanism: forward pre-hooks on the tower's layers (the selection, the key mask of padding rows; on InternVL the mask
+goes to the layers' attention modules), registered for one encoder call and active only in the context that
+registered them (a ContextVar), so concurrent calls on the same model stay apart.
 
-Families: LLaVA-1.5 (CLIP-style towers with [CLS]); LLaVA-NeXT, tile by tile.
-Refused with CapabilityError at apply: Qwen2-VL / 2.5-VL (no [CLS]); InternVL (its 2x2 pixel-shuffle groups could be
-kept whole, but the tower call does not know which tiles form one image, so a per-image budget cannot be split
-there: not supported yet).
+Families: LLaVA-1.5 (CLIP-style towers with [CLS]), in one stage or progressive stages; LLaVA-NeXT, tile by tile;
+InternVL, tile by tile with each 2x2 pixel-shuffle group (one LLM token) kept or dropped whole (in_tower_internvl.py).
+Refused with CapabilityError at apply: Qwen2-VL / 2.5-VL (their towers have no [CLS], whose attention these strategies
+select by).
 
 This module: what in-tower pruning accepts (:func:`validate_strategy`, :func:`check_in_tower`) and the tower hooks
 (:class:`TowerPruning`). The LLaVA families' `get_image_features` with in-tower selection (`encode_llava`,
-`encode_llava_next`) are in in_tower_llava.py.
+`encode_llava_next`) are in in_tower_llava.py, InternVL's (`encode_internvl`) in in_tower_internvl.py.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from .base import Adapter
 
 _ACTIVE: ContextVar[Any] = ContextVar("vtokprune_in_tower", default=None)
-IN_TOWER_FAMILIES = ("LLaVA-1.5", "LLaVA-NeXT")
+IN_TOWER_FAMILIES = ("LLaVA-1.5", "LLaVA-NeXT", "InternVL")
 MULTI_STAGE_FAMILIES = ("LLaVA-1.5",)
 SLICED_SIGNALS = ("cls_attn", "keys", "values")  # [P, H, T(, d)]: the token axis is 2
 
@@ -141,7 +142,9 @@ class TowerPruning:
     the tokens it chooses among (earlier layers' captures are cut down to them). `carry` accumulates indices into the
     P tower inputs' original patches. With `scatter=True` a forward hook on the tower puts every shortened hidden state
     of its output back at full length (zeros at dropped patches), for models whose feature code needs the whole grid
-    (LLaVA-NeXT packing).
+    (LLaVA-NeXT packing). With `mask_attention=True` the key mask of the later layers goes to their attention modules
+    (`adapter.vision_attention(i)`, as its `attention_mask` keyword) instead of the layers, for towers whose layers
+    take no mask (InternViT).
     """
 
     def __init__(
@@ -154,11 +157,12 @@ class TowerPruning:
         ],
         cls_offset: int = 1,
         scatter: bool = False,
+        mask_attention: bool = False,
     ) -> None:
         layers = selection_layers(adapter, strategy)
         assert layers is not None
         self.adapter, self.strategy, self.choose, self.cls_offset = adapter, strategy, choose, cls_offset
-        self.layers, self.scatter = layers, scatter
+        self.layers, self.scatter, self.mask_attention = layers, scatter, mask_attention
         self.layer = layers[0]
         self.captured: dict[str, dict[int, torch.Tensor]] = {}
         self.carry: torch.Tensor | None = None
@@ -202,7 +206,7 @@ class TowerPruning:
         self.stages_run = stage + 1
         if len(self.layers) > stage + 1:
             self._cut_signals(local)
-        fused = self._fuse(patches, local, fused_before) if self.fuse else None
+        fused = self._fuse(patches, local, fused_before, live) if self.fuse else None
         self.live = live
         self.mask = None
         zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
@@ -220,14 +224,24 @@ class TowerPruning:
             self.mask = bias[:, None, None, :]
         parts = [hidden[:, : self.cls_offset], carried.to(hidden.dtype)]
         new = torch.cat([*parts, fused.to(hidden.dtype)] if fused is not None else parts, 1)
+        if self.mask_attention:  # the attention modules' own hooks give them the mask
+            return _replace_hidden(args, kwargs, new)
         return self._mask_hook(module, *_replace_hidden(args, kwargs, new))
 
-    def _fuse(self, patches: torch.Tensor, local: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor | None:
+    def _fuse(
+        self, patches: torch.Tensor, local: torch.Tensor, before: torch.Tensor | None, live: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """EViT's fused token: the patches this stage drops (with what earlier stages fused), averaged into one row
         that rides through the later layers as attention context with a log(size) key bias (ToMe's proportional
         attention: it weighs as the tokens it stands for). None while nothing was dropped."""
         dropped = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
-        dropped.scatter_(1, local.to(patches.device), False)  # padding rows repeat a kept index
+        local = local.to(patches.device)
+        if live is None:
+            dropped.scatter_(1, local, False)
+        else:  # padding rows (live False) repeat a kept index, or patch 0 in a tile that keeps none: not kept
+            rows = torch.arange(local.shape[0], device=patches.device)[:, None].expand_as(local)
+            on = live.to(patches.device)
+            dropped[rows[on], local[on]] = False
         count = dropped.sum(dim=1).float()
         total = (patches.float() * dropped[..., None]).sum(dim=1)
         if before is not None and self.fused_size is not None:
@@ -303,8 +317,11 @@ class TowerPruning:
             for stage, layer in enumerate(self.layers)
         ]
         feature = adapter.feature_layer()
-        for i in range(self.layer + 2, feature + 1):
-            if i - 1 not in self.layers:
+        for i in range(self.layer + 1, feature + 1):
+            if self.mask_attention:
+                attn: Any = adapter.vision_attention(i)
+                handles.append(attn.register_forward_pre_hook(self._mask_hook, with_kwargs=True))
+            elif i > self.layer + 1 and i - 1 not in self.layers:
                 handles.append(layers[i].register_forward_pre_hook(self._mask_hook, with_kwargs=True))
         if feature + 1 < len(layers):  # layers nothing reads: run them on [CLS] alone
             handles.append(layers[feature + 1].register_forward_pre_hook(self._drop_hook, with_kwargs=True))

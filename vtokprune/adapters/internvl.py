@@ -11,6 +11,8 @@
   `cls_values` are those of the image's last tile (the thumbnail, for a multi-tile image).
 * Tiles per image are read from the placeholder runs (run length / tokens per tile), since the model is not given
   them; two images whose placeholder runs touch (no <img>/</img> tokens between them) would count as one image.
+* In-tower pruning (`in_tower_layer=`): in_tower_internvl.py; the tile counts reach the tower call through a
+  ContextVar set by the model's forward (here, in `encoded_images`) and by a wrapper around `generate`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import PruningStateError
+from ..runtime import PrunerState
 from ..strategies.base import VisionSignals, VisionStrategy
+from . import in_tower_internvl
 from .llava import LlavaAdapter
 from .vision_signals import EncodedImages, run_with_vision_probes
 
@@ -47,6 +51,21 @@ class InternVLAdapter(LlavaAdapter):
         shuffled = self.inner.pixel_shuffle(idx, scale_factor=self.inner.config.downsample_ratio)
         return shuffled.reshape(-1, shuffled.shape[-1]).round().long().to(device)
 
+    @staticmethod
+    def _grouped(x: torch.Tensor, dim: int, groups: torch.Tensor, reduce: str) -> torch.Tensor:
+        """Patch dim `dim` (side*side) -> token dim (T = groups.shape[0]), summing or averaging each 2x2 group."""
+        picked = x.index_select(dim, groups.reshape(-1))
+        shape = list(x.shape)
+        shape[dim : dim + 1] = [int(groups.shape[0]), int(groups.shape[1])]
+        picked = picked.reshape(shape)
+        return picked.sum(dim + 1) if reduce == "sum" else picked.mean(dim + 1)
+
+    def install(self, state: PrunerState) -> None:
+        super().install(state)
+        strategy = state.strategy
+        if isinstance(strategy, VisionStrategy) and strategy.in_tower_layer is not None:
+            in_tower_internvl.install_generate(self, state)
+
     # ------------------------------------------------------------------ encoding
     def image_encoder_args(self, args: dict[str, Any]) -> dict[str, Any]:
         keys = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy")
@@ -55,6 +74,8 @@ class InternVLAdapter(LlavaAdapter):
     def encode_images(self, original: Callable[..., Any], args: dict[str, Any], strategy: VisionStrategy) -> Any:
         """Per tile: the features, and the strategy's signals mapped onto the shuffled tokens. Grouping tiles into
         images needs the placeholder runs, so it happens in `encoded_images`."""
+        if strategy.in_tower_layer is not None:
+            return in_tower_internvl.encode_internvl(self, original, args, strategy)
         cls_offset = 0 if self._keeps_cls(args) else 1
         if cls_offset == 0:
             raise NotImplementedError("vtokprune: InternVL with vision_feature_select_strategy='full'")
@@ -69,12 +90,7 @@ class InternVLAdapter(LlavaAdapter):
         groups = self._groups(side, features.device)
 
         def grouped(x: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
-            """Patch dim `dim` (side*side) -> token dim (T), summing or averaging each 2x2 group."""
-            picked = x.index_select(dim, groups.reshape(-1))
-            shape = list(x.shape)
-            shape[dim : dim + 1] = [t, groups.shape[1]]
-            picked = picked.reshape(shape)
-            return picked.sum(dim + 1) if reduce == "sum" else picked.mean(dim + 1)
+            return self._grouped(x, dim, groups, reduce)
 
         tiles: dict[str, Any] = {"features": features}
         tiles["cls_attn"] = {k: grouped(v, 2, "sum") for k, v in captured.get("cls_attn", {}).items()}
@@ -114,7 +130,15 @@ class InternVLAdapter(LlavaAdapter):
     def encoded_images(self, args: dict[str, Any], strategy: VisionStrategy) -> EncodedImages:
         out = self._encoded_output(args)
         if out is None:
-            out = self.image_encoder_module().get_image_features(**self.image_encoder_args(args))
+            encoder_args = self.image_encoder_args(args)
+            if strategy.in_tower_layer is None:
+                out = self.image_encoder_module().get_image_features(**encoder_args)
+            else:  # the tower call learns each image's tiles from the placeholder runs here
+                with in_tower_internvl.tiles_from(self, args.get("input_ids"), args.get("pixel_values")):
+                    out = self.image_encoder_module().get_image_features(**encoder_args)
+        encoded = getattr(out, "_vtokprune_encoded", None)
+        if encoded is not None:  # selected inside the tower, grouped into images there
+            return encoded  # type: ignore[no-any-return]
         tiles = getattr(out, "_vtokprune_tiles", None)
         if tiles is None:
             if strategy.needs:

@@ -2,9 +2,11 @@
 
 Zhao et al., "Accelerating Multimodal Large Language Models by Searching Optimal Vision Token Reduction" (CVPR 2025,
 arXiv 2412.00556): G-Search finds the fewest tokens per layer; under a fixed budget, a parametric sigmoid over the
-layers sets each layer's keep rate, its parameters tuned by Bayesian optimisation. Only the paper's abstract and
-summary could be read here, so the exact parameterisation below is this library's (a falling sigmoid with a
-learnable centre, steepness and floor, rescaled to meet the budget exactly), not necessarily the paper's.
+layers sets each layer's keep rate, its parameters tuned by Bayesian optimisation. The paper's full text could not
+be read here; its abstract and a third-party summary give a sigmoid of the layer index with a steepness k, a
+midpoint alpha and a ratio b for what the deepest layers keep. The parameterisation below has those three
+parameters (steepness, center, floor); the normalisation (s(0) = 1, depth scaled to [0, 1]) and the rescaling that
+meets the budget exactly are this library's, so the curves may differ from the paper's in detail.
 
 Fraction of an image's tokens kept at layer l (x = l / (L - 1) in [0, 1])::
 
